@@ -1,0 +1,77 @@
+"""Typed records shared by every pipeline stage: a parsed letter and its disputed items."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+UPHELD = "Upheld"
+OVERTURNED = "Overturned"
+DECISIONS = (UPHELD, OVERTURNED)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One disputed treatment item of a letter (the unit that carries a label)."""
+
+    index: int  # 1-based, letter order
+    request: str
+    decision: str  # UPHELD or OVERTURNED
+    claims_admin_guideline: str = ""
+    maximus_guideline: str = ""
+    rationale: str = ""
+
+
+@dataclass(frozen=True)
+class Letter:
+    """A parsed IMR Final Determination Letter."""
+
+    letter_id: str  # file stem, or a caller-given id for raw text
+    source: str  # path as given, or "<text>"
+    layout: str  # "2016" (header block), "2015" (plain text, no header), "2013" (MAXIMUS has determined ...)
+    items: tuple[Item, ...]
+    case_number: str | None = None
+    date_assigned: str | None = None  # ISO yyyy-mm-dd
+    date_of_injury: str | None = None
+    decision_date: str | None = None
+    ur_denial_date: str | None = None
+    priority: str | None = None
+    reviewer_licensure: str | None = None
+    reviewer_specialty: str | None = None
+    case_summary: str = ""
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def item_records(self) -> list[dict]:
+        """One flat JSON-ready record per item: the schema of `imr parse` output and of datasets."""
+        from imr_model.taxonomy import guideline_labels, odg_chapters
+
+        return [
+            {
+                "letter_id": self.letter_id,
+                "case_number": self.case_number,
+                "item_index": it.index,
+                "request": it.request,
+                "decision": it.decision,
+                "guideline_labels": guideline_labels(it.maximus_guideline),
+                "odg_chapters": odg_chapters(it.maximus_guideline),
+                "maximus_guideline": it.maximus_guideline,
+                "claims_admin_guideline": it.claims_admin_guideline,
+                "rationale": it.rationale,
+                "case_summary": self.case_summary,
+                "reviewer_specialty": self.reviewer_specialty,
+                "decision_date": self.decision_date,
+                "source": self.source,
+            }
+            for it in self.items
+        ]
+
+
+class LetterError(ValueError):
+    """A file could not be read or parsed as an IMR letter. The message names the file, never its text."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{source}: {reason}")
