@@ -15,9 +15,13 @@ app = typer.Typer(
     name="imr",
     help="IMR letters → per-item outcome and guideline predictions.",
     no_args_is_help=True,
-    pretty_markdown=False,
 )
 err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """IMR letters → per-item outcome and guideline predictions. Run `imr COMMAND --help` for details."""
 
 
 @app.command()

@@ -216,6 +216,8 @@ def _case_summary(lines: list[str]) -> str:
     end = next((i for i in range(start + 1, len(lines)) if ISSUES_HEADING.search(lines[i])), len(lines))
     body = normalize_ws(" ".join(ln for ln in lines[start + 1 : end] if ln != PAGE_BREAK))
     body = re.sub(r"^.*?Case\s+Summary\s*:\s*", "", body, flags=re.I) if start and "Summary:" in lines[start] else body
+    # 2013 letters list the decisions right after the summary: they must not leak into it.
+    body = re.split(r"(?:\b\d{1,2}\s*[.)]\s*)?MAXIMUS\s+Federal\s+Services,?\s+Inc\.?\s+has\s+determined", body, flags=re.I)[0]
     return normalize_ws(_SUMMARY_LEAD.sub("", body))
 
 

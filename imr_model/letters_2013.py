@@ -32,7 +32,7 @@ DETERMINATION = re.compile(
 )
 _CITATION = re.compile(r"(?:Medical\s+Treatment\s+Guideline\s+Schedule\s*\(MTUS\)\s*)?Citation\s+Used\s*:", re.I)
 _CLAIMS = re.compile(r"The\s+Claims\s+Administrator\s+(?:based|did\s+not\s+base)", re.I)
-_REVIEWER = re.compile(r"The\s+(?:Expert\s+)?Reviewer\s+(?:based|did\s+not\s+(?:base|cite))", re.I)
+_REVIEWER = re.compile(r"The\s+(?:Expert\s+)?Reviewer\s+(?:based|found|did\s+not\s+(?:base|cite))", re.I)
 _RATIONALE = re.compile(r"Rationale\s+for\s+the\s+Decision\s*:", re.I)
 _NEXT_HEADER = re.compile(r"\s*\d{1,2}\s*[).]\s*(?:Regarding\s+the\s+request\s+for\s+.*?:?\s*$)", re.I | re.S)
 
