@@ -1,0 +1,79 @@
+"""Benchmark: PDF letters → items per second, against `pdftotext -layout` on the same files in the same run.
+
+    python bench/parse.py [PDF_DIR] [--repeat 3] [--workers 2]
+
+Both sides use the same number of processes (`--workers`), so the ratio compares extractors, not
+parallelism. pdftotext (poppler-utils) only extracts text; imr-model extracts *and* parses items, so
+the ratio is conservative. Prints letters/s for each side and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from imr_model.letters import parse_many
+from imr_model.types import Letter
+
+DEFAULT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw" / "ca-dwc-imr-letters" / "pdfs"
+
+
+def _pdftotext(path: Path) -> int:
+    out = subprocess.run(["pdftotext", "-layout", str(path), "-"], capture_output=True, check=True)
+    return len(out.stdout)
+
+
+def bench_imr(paths: list[Path], workers: int) -> tuple[float, int, int]:
+    start = time.perf_counter()
+    results = list(parse_many(paths, workers=workers))
+    elapsed = time.perf_counter() - start
+    items = sum(len(r.items) for r in results if isinstance(r, Letter))
+    errors = sum(not isinstance(r, Letter) for r in results)
+    return elapsed, items, errors
+
+
+def bench_pdftotext(paths: list[Path], workers: int) -> float:
+    start = time.perf_counter()
+    if workers <= 1:
+        for p in paths:
+            _pdftotext(p)
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(_pdftotext, paths, chunksize=8))
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("pdf_dir", nargs="?", type=Path, default=DEFAULT_DIR)
+    ap.add_argument("--repeat", type=int, default=3, help="best of N runs for each side")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+    paths = sorted(args.pdf_dir.glob("*.pdf"))
+    if not paths:
+        print(f"no PDFs in {args.pdf_dir}", file=sys.stderr)
+        return 2
+    if shutil.which("pdftotext") is None:
+        print("pdftotext not found: install poppler-utils (apt-get install poppler-utils)", file=sys.stderr)
+        return 2
+    n = len(paths)
+    for label, workers in (("1 process", 1), (f"{args.workers} processes", args.workers)):
+        imr = [bench_imr(paths, workers) for _ in range(args.repeat)]
+        ref = [bench_pdftotext(paths, workers) for _ in range(args.repeat)]
+        t_imr, items, errors = min(imr, key=lambda r: r[0])
+        t_ref = min(ref)
+        print(f"[{label}] {n} letters, {items} items, {errors} errors")
+        print(f"  imr-model PDF→items   : {n / t_imr:8.1f} letters/s")
+        print(f"  pdftotext -layout     : {n / t_ref:8.1f} letters/s (text only)")
+        print(f"  ratio imr / pdftotext : {t_ref / t_imr:8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
