@@ -28,7 +28,7 @@ def _root() -> None:
 def parse(
     inputs: Annotated[list[str], typer.Argument(help="Letter files (PDF/TXT), folders (recursive) or globs.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output JSONL, one object per item.")],
-    workers: Annotated[int, typer.Option(help="Parallel worker processes (0 = one per core).")] = 1,
+    workers: Annotated[int, typer.Option(help="Parallel worker processes (0 = one per core).")] = 0,
 ) -> None:
     """Parse letters into one JSON object per disputed item; failures become {"source", "error"} records."""
     from imr_model.letters import iter_letter_files, parse_many

@@ -18,12 +18,16 @@ from rich.progress import (
 
 
 class _Bar:
-    def __init__(self, progress: Progress, task_id: int):
+    def __init__(self, progress: Progress, task_id: int, unit: str):
         self._progress = progress
         self._task = task_id
+        self.unit = unit
 
     def advance(self, n: float = 1) -> None:
         self._progress.advance(self._task, n)
+        speed = next(t.speed for t in self._progress.tasks if t.id == self._task)
+        if speed:
+            self._progress.update(self._task, rate=f"{speed:.1f} {self.unit}/s")
 
     def update(self, **fields) -> None:
         self._progress.update(self._task, **fields)
@@ -47,8 +51,4 @@ def progress_bar(description: str, *, total: float | None, unit: str = "it", dis
     )
     with progress:
         task_id = progress.add_task(description, total=total, rate="")
-        bar = _Bar(progress, task_id)
-        yield bar
-        task = progress.tasks[0]
-        if task.speed:
-            progress.update(task_id, rate=f"{task.speed:.1f} {unit}/s")
+        yield _Bar(progress, task_id, unit)
