@@ -59,6 +59,246 @@ def parse(
     )
 
 
+data_app = typer.Typer(help="Datasets: synthetic demo letters, public data downloads, train/validation/test builds.")
+download_app = typer.Typer(help="Download public datasets.")
+data_app.add_typer(download_app, name="download")
+app.add_typer(data_app, name="data")
+
+
+@download_app.command("dmhc")
+def data_download_dmhc(
+    url: Annotated[Optional[str], typer.Option(help="CSV URL (default: the CHHS open data portal resource).")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Destination CSV.")] = Path(
+        "data/raw/dmhc/imr-determinations.csv"
+    ),
+    timeout: Annotated[float, typer.Option(help="Network timeout in seconds.")] = 60.0,
+) -> None:
+    """Download the California DMHC health-plan IMR determinations CSV (checked, then moved into place)."""
+    from imr_model.tabular import DEFAULT_DMHC_URL, DatasetDownloadError, download_dmhc, load_dmhc
+
+    try:
+        path = download_dmhc(output, url or DEFAULT_DMHC_URL, timeout=timeout)
+    except DatasetDownloadError as exc:
+        err_console.print(f"[red]Download failed: {exc}[/red]")
+        raise typer.Exit(code=1) from None
+    records = load_dmhc(path)
+    n_over = sum(r["decision"] == "Overturned" for r in records)
+    err_console.print(f"{len(records)} DMHC cases ({n_over} overturned) → {path}")
+
+
+@data_app.command("demo")
+def data_demo(
+    n: Annotated[int, typer.Argument(min=1, help="Number of synthetic letters.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")] = Path("data/demo"),
+    seed: Annotated[int, typer.Option(help="Random seed (same seed → same letters).")] = 0,
+    fmt: Annotated[str, typer.Option("--format", help="txt or pdf.")] = "txt",
+) -> None:
+    """Write synthetic demo letters (marked SYNTHETIC, case numbers CM99-...)."""
+    from imr_model.demo import FORMATS, write_demo_letters
+
+    if fmt not in FORMATS:
+        err_console.print(f"[red]--format must be one of {list(FORMATS)}, got {fmt!r}[/red]")
+        raise typer.Exit(code=2)
+    paths = write_demo_letters(output, n, seed=seed, fmt=fmt)
+    err_console.print(f"{len(paths)} synthetic letters → {output}")
+
+
+@data_app.command("build")
+def data_build(
+    inputs: Annotated[list[str], typer.Argument(help="Letters (files/folders/globs) and/or .csv/.jsonl/.parquet tables.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output dataset folder (save_to_disk).")],
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+    val_size: Annotated[float, typer.Option(help="Validation fraction.")] = 0.15,
+    test_size: Annotated[float, typer.Option(help="Test fraction.")] = 0.15,
+    text_column: Annotated[Optional[str], typer.Option(help="Text column of tables.")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Label column of tables.")] = None,
+) -> None:
+    """Build train/validation/test (grouped by letter, stratified) with the three text views, and save it."""
+    from imr_model.dataset import build_dataset, load_records, save_dataset
+
+    try:
+        records, errors = load_records(inputs, text_column=text_column, label_column=label_column)
+        dd = build_dataset(records, seed=seed, val_size=val_size, test_size=test_size)
+    except (ValueError, FileNotFoundError) as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(code=2) from None
+    save_dataset(dd, output)
+    for err in errors:
+        err_console.print(f"[yellow]skipped {err}[/yellow]")
+    err_console.print(json.dumps({k: dd.report[k] for k in ("sizes", "overturn_rate", "masked_sentences")}))
+    err_console.print(f"near-duplicate pairs across splits: {dd.report['near_duplicates']['pairs']} → {output}")
+
+
+# --------------------------------------------------------------------------- inference (score / explain / serve)
+_MODEL_HELP = "Model directory or MLflow URI; default $IMR_MODEL_URI, then models:/imr-classifier@champion, then newest ./models/*."
+
+
+def _fail(exc: Exception) -> None:
+    err_console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def score(
+    inputs: Annotated[list[str], typer.Argument(help="Letter files, folders, globs, or item tables (.csv/.jsonl/.parquet).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="OUT.jsonl, OUT.csv or OUT.parquet; rerun to resume.")],
+    model: Annotated[Optional[str], typer.Option(help=_MODEL_HELP)] = None,
+    attributions: Annotated[bool, typer.Option("--attributions", help="Add word attributions of the outcome logit.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Items per model batch (also the unit of atomic writes).")] = 32,
+    backend: Annotated[str, typer.Option(help="torch | onnx (int8 ONNX Runtime).")] = "torch",
+    engine: Annotated[str, typer.Option(help="local | spark (mlflow.pyfunc.spark_udf; needs an MLflow model URI).")] = "local",
+    n_steps: Annotated[int, typer.Option(help="Integration steps for --attributions.")] = 32,
+) -> None:
+    """Score letters into one row per item (outcome, p_overturned, guidelines); resumable and crash-safe."""
+    from imr_model.score_output import OutputError
+    from imr_model.inference import ModelNotFoundError
+    from imr_model.types import LetterError
+
+    if engine not in ("local", "spark"):
+        _fail(ValueError(f"unknown engine {engine!r}; valid: local, spark"))
+    try:
+        if engine == "spark":
+            from imr_model.spark import score_files
+
+            summary = score_files(inputs, output, model_uri=model)
+        else:
+            from imr_model.scoring import score as score_letters
+
+            summary = score_letters(inputs, output, model=model, attributions=attributions, batch_size=batch_size,
+                                    backend=backend, n_steps=n_steps)  # fmt: skip
+    except (ModelNotFoundError, OutputError, LetterError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    err_console.print(
+        f"{summary.letters} letters, {summary.items} items, {summary.errors} errors, {summary.skipped} already done "
+        f"in {summary.seconds:.1f}s ({summary.items_per_second:.1f} items/s) → {output}"
+    )
+
+
+@app.command()
+def explain(
+    letter: Annotated[str, typer.Argument(help="A letter file (PDF/TXT).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="HTML report to write.")],
+    model: Annotated[Optional[str], typer.Option(help=_MODEL_HELP)] = None,
+    target: Annotated[str, typer.Option(help="'outcome' or a guideline label id.")] = "outcome",
+    n_steps: Annotated[int, typer.Option(help="Integration steps.")] = 32,
+    top_k: Annotated[int, typer.Option(help="Rows of the top-words table per item.")] = 10,
+) -> None:
+    """Write a self-contained HTML report: each item's prediction with its words shaded by attribution."""
+    from imr_model.inference import ModelNotFoundError
+    from imr_model.report import explain as explain_letter
+    from imr_model.types import LetterError
+
+    if not Path(letter).is_file():
+        _fail(FileNotFoundError(f"{letter}: no such file"))
+    try:
+        path = explain_letter(Path(letter), output, model=model, target=target, n_steps=n_steps, top_k=top_k)
+    except (ModelNotFoundError, LetterError, ValueError) as exc:
+        _fail(exc)
+    err_console.print(f"report → {path}")
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(help=_MODEL_HELP)] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
+    backend: Annotated[str, typer.Option(help="torch | onnx.")] = "torch",
+    timeout: Annotated[float, typer.Option(help="Per-request prediction timeout in seconds (504 beyond).")] = 60.0,
+    max_body_mb: Annotated[float, typer.Option(help="Request body limit in MB (413 beyond).")] = 5.0,
+) -> None:
+    """Serve predictions over HTTP (FastAPI + uvicorn); set $IMR_API_TOKEN to require a bearer token."""
+    from imr_model.inference import ModelNotFoundError
+    from imr_model.serving import serve as run_server
+
+    try:
+        run_server(model, host=host, port=port, backend=backend, timeout_s=timeout, max_body_bytes=int(max_body_mb * 1024 * 1024))
+    except (ModelNotFoundError, ValueError) as exc:
+        _fail(exc)
+
+
+# --------------------------------------------------------------------------- training (train / evaluate / promote / pretrain)
+_DATA_HELP = "Letters (PDF/TXT files, folders, globs) or item tables (.csv/.jsonl/.parquet)."
+
+
+@app.command()
+def train(
+    config: Annotated[str, typer.Option("--config", "-c", help="YAML path or a name in configs/ (default, masked, forecast, tiny).")] = "default",
+    data: Annotated[Optional[list[str]], typer.Option("--data", help=_DATA_HELP + " Repeatable; default: demo letters.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: --set train.epochs=3 (repeatable).")] = None,
+    cv: Annotated[int, typer.Option("--cv", help="Also run grouped K-fold cross-validation with pooled out-of-fold metrics (K >= 2).")] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Train the TF-IDF baseline and the transformer, evaluate both, log to MLflow and register the model."""
+    from train.train import main as train_main
+
+    argv = ["--config", config, "--cv", str(cv)] + (["--data", *data] if data else [])
+    argv += [a for o in overrides or [] for a in ("--set", o)] + (["--json", str(json_out)] if json_out else [])
+    try:
+        train_main(argv + (["--quiet"] if quiet else []))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option("--model", help="Model directory or MLflow URI (models:/imr-classifier@champion).")],
+    data: Annotated[list[str], typer.Option("--data", help=_DATA_HELP + " Repeatable.")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics to this JSON file.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Items per model batch.")] = 32,
+) -> None:
+    """Print majority / TF-IDF / model metrics on labelled letters; optionally write them as JSON."""
+    from imr_model.experiment import evaluate_model
+
+    try:
+        result, table = evaluate_model(model, data, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
+        err_console.print(f"metrics → {json_out}")
+
+
+@app.command()
+def promote(
+    metric: Annotated[str, typer.Option(help="Metric that decides, e.g. test_auprc, test_f1, cv_auroc, test_guideline_micro_f1.")] = "test_auprc",
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Score both versions on these letters instead of comparing logged metrics.")] = None,
+    name: Annotated[str, typer.Option(help="Registered model name.")] = "imr-classifier",
+    tolerance: Annotated[float, typer.Option(help="Allowed shortfall of the candidate.")] = 0.0,
+) -> None:
+    """Move alias `champion` to the `candidate` version if it is at least as good on METRIC on the same data."""
+    from imr_model.tracking import promote as promote_model
+
+    try:
+        result = promote_model(name, metric, data, tolerance=tolerance)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(("promoted: " if result.promoted else "not promoted: ") + result.reason)
+    if not result.promoted and result.champion_version is not None and result.candidate_version != result.champion_version:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def pretrain(
+    config: Annotated[str, typer.Option("--config", "-c", help="Config whose model.backbone is adapted.")] = "default",
+    data: Annotated[Optional[list[str]], typer.Option("--data", help=_DATA_HELP + " Repeatable; labels are not used.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Backbone directory to write (use it as model.backbone).")] = Path("models/backbone-mlm"),
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value (repeatable).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Continue masked-LM pretraining of the backbone on letter text; reports held-out perplexity before/after."""
+    from train.pretrain import main as pretrain_main
+
+    argv = ["--config", config, "--output", str(output)] + (["--data", *data] if data else [])
+    argv += [a for o in overrides or [] for a in ("--set", o)] + (["--quiet"] if quiet else [])
+    try:
+        pretrain_main(argv)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point usable from code and tests: `main(["parse", ...])`."""
     app(args=argv if argv is not None else sys.argv[1:], prog_name="imr")

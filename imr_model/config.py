@@ -1,6 +1,6 @@
 """Typed, validated configuration: one YAML file in `configs/` → one `TrainConfig`.
 
-A config has five sections (`model`, `train`, `data`, `baseline`, `mlflow`) plus a few top-level
+A config has six sections (`model`, `train`, `data`, `baseline`, `pretrain`, `mlflow`) plus a few top-level
 keys. Unknown keys and bad values fail with a message naming the key, the value and what is valid.
 `key=value` overrides (`--set train.epochs=3`) are applied to the raw mapping before validation, so
 an override is checked exactly like the file. `ModelConfig` (the `model` section) is also what a
@@ -41,7 +41,7 @@ class ModelConfig(_Section):
 
     backbone: str = "minilm"  # alias, HF model id or local directory
     init: Literal["pretrained", "random"] = "pretrained"  # random: tests and smoke runs only
-    encoder_overrides: dict[str, Any] = Field(default_factory=dict)  # BertConfig fields for init=random
+    encoder_overrides: dict[str, Any] = Field(default_factory=dict)  # transformers config fields to change
     max_length: int = Field(256, ge=8, le=512)  # tokens per window, incl. [CLS]/[SEP]
     stride: int = Field(64, ge=0)  # tokens shared by consecutive windows (HF `stride` semantics)
     max_windows: int = Field(32, ge=1)  # per text; beyond this keep the head and the tail windows
@@ -49,6 +49,7 @@ class ModelConfig(_Section):
     text_view: Literal["rationale", "rationale_masked", "forecast"] = "rationale"
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     freeze_layers: int = Field(0, ge=0)  # embeddings + this many lower encoder layers get no updates
+    freeze_embeddings: bool = False  # token/position embeddings get no updates (saves ~half the optimizer work)
     # Filled in when a model is built or trained; empty in YAML files.
     label_names: list[str] = Field(default_factory=list)  # guideline head order (taxonomy order)
     outcome_labels: list[str] = Field(default_factory=lambda: ["Upheld", "Overturned"])
@@ -73,7 +74,8 @@ class TrainSection(_Section):
     epochs: int = Field(6, ge=1)
     batch_size: int = Field(8, ge=1)  # items per step (their windows are stacked)
     learning_rate: float = Field(5e-5, gt=0)  # encoder
-    head_learning_rate: float = Field(1e-3, gt=0)  # the two linear heads start from scratch
+    head_learning_rate: float = Field(1e-3, gt=0)  # the outcome head starts from scratch
+    guideline_head_learning_rate: float = Field(1e-2, gt=0)  # 18 label queries from scratch, few examples each
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -82,6 +84,10 @@ class TrainSection(_Section):
     pos_weight: float | Literal["auto"] = "auto"  # auto: sqrt(n_upheld / n_overturned)
     guideline_loss_weight: float = Field(1.0, ge=0)
     eval_batch_size: int = Field(32, ge=1)
+    threshold_rule: Literal["half_max_f1", "best_f1"] = "half_max_f1"  # see metrics.half_max_f1_threshold
+    head_epochs: int = Field(0, ge=0)  # extra guideline-head epochs on the frozen encoder (cached states)
+    head_patience: int = Field(5, ge=0)
+    max_windows_per_step: int = Field(16, ge=1)  # larger batches are split (gradient accumulation): bounds memory
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = leave torch's default
 
     @field_validator("pos_weight")
@@ -110,6 +116,18 @@ class BaselineSection(_Section):
     class_weight: Literal["balanced", "none"] = "balanced"
 
 
+class PretrainSection(_Section):
+    """Continued masked-LM pretraining of the backbone on unlabelled letter text (`imr pretrain`)."""
+
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(128, ge=16, le=512)  # block length; short blocks are cheap and MLM is local
+    learning_rate: float = Field(5e-5, gt=0)
+    head_warmup_steps: int = Field(60, ge=0)  # fit the (new) MLM head on the frozen encoder first
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    held_out: float = Field(0.1, gt=0, lt=0.5)  # fraction of letters kept for perplexity
+
+
 class MlflowSection(_Section):
     """Tracking and registry. The URI falls back to $MLFLOW_TRACKING_URI, then sqlite:///mlflow.db."""
 
@@ -131,6 +149,7 @@ class TrainConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     data: DataSection = Field(default_factory=DataSection)
     baseline: BaselineSection = Field(default_factory=BaselineSection)
+    pretrain: PretrainSection = Field(default_factory=PretrainSection)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
 
     def flat(self) -> dict[str, Any]:

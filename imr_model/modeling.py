@@ -1,14 +1,14 @@
 """The network (encoder + outcome head + guideline head) and `IMRClassifier`, its text-in/probabilities-out wrapper.
 
 Long texts are cut into token windows of `max_length` tokens that overlap by `stride` tokens. Each
-window is encoded, mean-pooled over its tokens (the pooling all-MiniLM-L6-v2 was trained with) and
-given one outcome logit and one logit per guideline label. Window logits are pooled back to the item
-with **max pooling** by default: the evidence for an overturn ("is medically necessary") and for a
-citation ("ODG states ...") sits in one sentence, so the window that contains it should decide.
-The mean would dilute that window by the number of windows and make probabilities depend on text
-length. Training pools the same way (multiple-instance learning), so the heads learn to keep
-evidence-free windows low. `mean` and `logsumexp` (log of the mean of exp, between mean and max) are
-available as `model.pooling`.
+window is encoded once and both heads read the mean of its token states (the pooling
+all-MiniLM-L6-v2 was trained with). Window logits are pooled back to the item with **max pooling** by default:
+the evidence for an overturn ("is medically necessary") and for a citation ("ODG states ...")
+sits in one sentence, so the window that contains it should decide. The mean would dilute that
+window by the number of windows and make probabilities depend on text length. Training pools the
+same way (multiple-instance learning), so the heads learn to keep evidence-free windows low.
+`mean` and `logsumexp` (log of the mean of exp, between mean and max) are available as
+`model.pooling`.
 
 A model directory holds `config.json` (`ModelConfig`), `model.safetensors`, tokenizer files,
 `calibration.json`, `metrics.json` and `taxonomy.json`; loading it needs neither pickle nor the
@@ -40,7 +40,13 @@ ForwardFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 class IMRNet(nn.Module):
-    """Transformer encoder with two linear heads on the mean-pooled window representation."""
+    """Transformer encoder with two linear heads on the mean of each window's token states.
+
+    Both heads read the same (W, H) window vector. For the guidelines this beat label-wise
+    attention (one query per label, as in CAML) on the shared letters: which guideline a reviewer
+    cited shows in many small cues (body part, drug class, "ODG", "chronic pain") that a mean adds
+    up, whereas per-label attention fixes on one spot and overfits 258 items.
+    """
 
     def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1):
         super().__init__()
@@ -50,12 +56,15 @@ class IMRNet(nn.Module):
         self.outcome_head = nn.Linear(hidden, 1)
         self.guideline_head = nn.Linear(hidden, n_labels)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(W, T) token windows → outcome logit (W,) and guideline logits (W, L) per window."""
+    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(W, T) token windows → (W, H) mean of the token states (padding excluded)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (W, T, H)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (W, T, 1)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (W, H)
-        pooled = self.dropout(pooled)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(W, T) token windows → outcome logit (W,) and guideline logits (W, L) per window."""
+        pooled = self.dropout(self.encode(input_ids, attention_mask))  # (W, H)
         return self.outcome_head(pooled).squeeze(-1), self.guideline_head(pooled)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -138,21 +147,19 @@ def build_encoder(config: ModelConfig) -> tuple[nn.Module, object]:
     source = resolve_backbone(config.backbone)
     local = hub_offline()
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    hf_config = AutoConfig.from_pretrained(source, local_files_only=local)
+    for key, value in config.encoder_overrides.items():
+        if not hasattr(hf_config, key):
+            raise ValueError(f"model.encoder_overrides: {type(hf_config).__name__} has no field {key!r}")
+        setattr(hf_config, key, value)
     if config.init == "random":
-        hf_config = AutoConfig.from_pretrained(source, local_files_only=local)
-        for key, value in config.encoder_overrides.items():
-            if not hasattr(hf_config, key):
-                raise ValueError(f"model.encoder_overrides: {type(hf_config).__name__} has no field {key!r}")
-            setattr(hf_config, key, value)
         hf_config.vocab_size = len(tokenizer)
         encoder = _encoder_from_config(hf_config.to_dict())
-    else:
-        if config.encoder_overrides:
-            raise ValueError("model.encoder_overrides only applies to model.init=random")
+    else:  # overrides such as attention_probs_dropout_prob apply on top of the pretrained weights
         try:
-            encoder = AutoModel.from_pretrained(source, local_files_only=local, add_pooling_layer=False)
+            encoder = AutoModel.from_pretrained(source, config=hf_config, local_files_only=local, add_pooling_layer=False)
         except TypeError:
-            encoder = AutoModel.from_pretrained(source, local_files_only=local)
+            encoder = AutoModel.from_pretrained(source, config=hf_config, local_files_only=local)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"backbone {config.backbone!r} has no fast tokenizer; character offsets need one")
     return encoder, tokenizer
@@ -380,16 +387,11 @@ def _cap_windows(owners: list[int], max_windows: int) -> list[int]:
 
 
 def _taxonomy_record(label_names: list[str]) -> dict:
-    record: dict = {"labels": label_names}
-    try:
-        from imr_model import taxonomy
+    """The taxonomy (version, labels, descriptions) the guideline head was trained on."""
+    from imr_model.taxonomy import load_taxonomy
 
-        version = getattr(taxonomy, "TAXONOMY_VERSION", None) or getattr(taxonomy, "VERSION", None)
-        if version is not None:
-            record["version"] = version
-    except ImportError:
-        pass
-    return record
+    record = load_taxonomy().to_dict()
+    return record if record.get("labels") == label_names else {"labels": label_names}
 
 
 def _read_json(path: Path) -> dict | None:

@@ -45,6 +45,7 @@ BASE_COLUMNS = (
 ATTRIBUTION_COLUMN = "attributions"
 _JSON_COLUMNS = ("guidelines", "guideline_labels", ATTRIBUTION_COLUMN)  # nested values; JSON text in CSV
 _PARTS_META = b"imr_parts"
+MAX_BUFFERED_WORDS = 200_000  # attribution words held in memory before a Parquet part is written
 _WORD = pa.struct([("word", pa.string()), ("start", pa.int32()), ("end", pa.int32()), ("score", pa.float64())])
 _ATTRIBUTION = pa.struct(
     [
@@ -86,18 +87,19 @@ def output_format(path: str | Path) -> str:
     return fmt
 
 
-def open_writer(path: str | Path, *, with_attributions: bool, run_info: dict) -> ScoreWriter:
+def open_writer(path: str | Path, *, with_attributions: bool, run_info: dict, parquet_rows_per_part: int = 2048) -> ScoreWriter:
     """Open (or resume) the output at `path`.
 
     `run_info` (model, backend, ...) is recorded with the output; resuming with a different value is
     an `OutputError`, because mixing two models' rows in one file would silently corrupt it.
+    `parquet_rows_per_part` is the Parquet checkpoint size: a crash loses at most that many rows of work.
     """
     path = Path(path)
     fmt = output_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"imr_progress": 1, "format": fmt, "columns": columns(with_attributions), "run": run_info}
     if fmt == "parquet":
-        return ParquetWriter(path, header)
+        return ParquetWriter(path, header, parquet_rows_per_part)
     return LineWriter(path, fmt, header)
 
 
@@ -240,6 +242,7 @@ class ParquetWriter:
         self.schema = parquet_schema(header["columns"])
         self.done: set[str] = set()
         self._buffer: list[dict] = []
+        self._words = 0
         merged_parts: set[str] = set()
         if path.exists():
             meta = pq.read_schema(path).metadata or {}
@@ -260,7 +263,9 @@ class ParquetWriter:
 
     def write(self, keys: list[str], rows: list[dict]) -> None:
         self._buffer.extend(rows)
-        if len(self._buffer) >= self.rows_per_part:
+        self._words += sum(len((r.get(ATTRIBUTION_COLUMN) or {}).get("words") or ()) for r in rows)
+        # Attribution rows carry every word of the item: bound the buffer by words too, not just rows.
+        if len(self._buffer) >= self.rows_per_part or self._words >= MAX_BUFFERED_WORDS:
             self._flush()
         self.done.update(keys)
 
@@ -275,7 +280,7 @@ class ParquetWriter:
         _fsync_file(tmp)
         os.replace(tmp, self.parts_dir / name)
         self.parts.append(self.parts_dir / name)
-        self._buffer = []
+        self._buffer, self._words = [], 0
 
     def close(self) -> None:
         """Merge the previous output and the new parts into `path` (streamed part by part, atomic replace)."""

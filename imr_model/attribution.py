@@ -1,0 +1,188 @@
+"""Token attributions with Captum `LayerIntegratedGradients` on the word-embedding layer.
+
+For one item text:
+
+1. The text is cut into the model's windows. The baseline of a window keeps its special tokens
+   ([CLS], [SEP]) and replaces every other token by [PAD]: [CLS] [PAD] … [PAD] [SEP]; the attention
+   mask is the input's, so only the word identities change along the integration path.
+2. The item logit is a pooling of window logits, so its attribution is the pooling's gradient-
+   weighted sum of window attributions: max pooling → only the winning window (which also saves the
+   cost of the others), mean → 1/W each, logsumexp → softmax of the window logits.
+3. Integrated gradients along `n_steps` points (Gauss-Legendre, Captum's default) in internal
+   batches, parameters frozen so the backward pass computes no weight gradients.
+4. Sub-word scores are summed into whitespace-delimited words with character offsets into the text,
+   so scores still add up (completeness): Σ word scores = Σ_w weight_w·(F_w(x) − F_w(baseline)) −
+   `delta`, where `delta` is Captum's convergence delta (weighted the same way).
+
+Scores are in raw logit units (before temperature scaling); positive pushes towards the target
+(Overturned for `target="outcome"`, or the named guideline label).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from captum.attr import LayerIntegratedGradients
+
+OUTCOME = "outcome"
+DEFAULT_STEPS = 32
+_WORD = re.compile(r"\S+")
+
+
+@dataclass(frozen=True)
+class WordScore:
+    """One whitespace-delimited word of the model input and its summed sub-word attribution."""
+
+    word: str
+    start: int  # character offsets into `Attribution.text`
+    end: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Attributions of one item's target logit to the words of the text the model saw."""
+
+    target: str  # "outcome" or a guideline label id
+    text_view: str  # the text view the model was trained on (what `text` is)
+    text: str
+    words: tuple[WordScore, ...]
+    delta: float  # Captum convergence delta: Σ scores − (F(x) − F(baseline)), pooled like the logits
+    n_steps: int
+
+    def top(self, k: int = 10, *, by: str = "abs") -> list[WordScore]:
+        """The k words with the largest |score| (`by="abs"`), or the largest positive (`by="positive"`)."""
+        keys = {"abs": lambda w: -abs(w.score), "positive": lambda w: -w.score, "negative": lambda w: w.score}
+        if by not in keys:
+            raise ValueError(f"by must be one of {sorted(keys)}, got {by!r}")
+        return sorted(self.words, key=keys[by])[:k]
+
+    def to_dict(self, *, include_text: bool = False) -> dict:
+        """JSON-ready; the text itself only on request (the words already carry their spelling)."""
+        out = {
+            "target": self.target,
+            "text_view": self.text_view,
+            "delta": self.delta,
+            "n_steps": self.n_steps,
+            "words": [asdict(w) for w in self.words],
+        }
+        if include_text:
+            out["text"] = self.text
+        return out
+
+
+def check_target(target: str, label_names: list[str]) -> int | None:
+    """None for the outcome logit, else the guideline column; unknown names list the valid ones."""
+    if target == OUTCOME:
+        return None
+    if target in label_names:
+        return label_names.index(target)
+    shown = ", ".join(label_names[:20]) + (" ..." if len(label_names) > 20 else "")
+    raise ValueError(f"unknown attribution target {target!r}; valid: {OUTCOME!r} or a guideline label ({shown})")
+
+
+def attribute(
+    classifier,
+    text: str,
+    *,
+    target: str = OUTCOME,
+    n_steps: int = DEFAULT_STEPS,
+    batch_tokens: int = 16384,
+    text_view: str | None = None,
+) -> Attribution:
+    """Attribute one item's `target` logit to the words of `text` (already in the model's text view).
+
+    `batch_tokens` bounds the work per forward pass: interpolation steps are evaluated in internal
+    batches of about `batch_tokens / window_length` rows.
+    """
+    if n_steps < 2:
+        raise ValueError(f"n_steps must be >= 2, got {n_steps}")
+    column = check_target(target, classifier.label_names)
+    windows = classifier.make_windows([text])
+    width = max(1, int(windows.attention_mask.sum(dim=1).max()))
+    ids, mask = windows.input_ids[:, :width], windows.attention_mask[:, :width]
+    offsets = windows.offsets[:, :width].numpy()
+    net = classifier.net
+    device = classifier.device
+    ids, mask = ids.to(device), mask.to(device)
+
+    def target_logit(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        outcome, guidelines = net(input_ids, attention_mask)
+        return outcome if column is None else guidelines[:, column]  # (rows,)
+
+    with torch.inference_mode():
+        window_logits = target_logit(ids, mask).float().cpu().numpy()  # (W,)
+    weights = pooling_weights(window_logits, classifier.config.pooling)
+    chosen = np.flatnonzero(weights > 0)
+    special = torch.as_tensor((offsets[chosen] == 0).all(axis=-1), device=device)  # (S, T) no text span
+    sel_ids, sel_mask = ids[chosen], mask[chosen]
+    pad = classifier.tokenizer.pad_token_id or 0
+    baselines = torch.where(special, sel_ids, torch.full_like(sel_ids, pad))
+    lig = LayerIntegratedGradients(target_logit, net.get_input_embeddings())
+    with _frozen(net):
+        attrs, delta = lig.attribute(
+            inputs=sel_ids,
+            baselines=baselines,
+            additional_forward_args=(sel_mask,),
+            n_steps=n_steps,
+            internal_batch_size=max(1, batch_tokens // width),
+            return_convergence_delta=True,
+        )
+    token_scores = attrs.sum(dim=-1).detach().float().cpu().numpy() * weights[chosen, None]  # (S, T)
+    token_scores[~sel_mask.cpu().numpy().astype(bool)] = 0.0
+    words = merge_words(text, token_scores, offsets[chosen])
+    total_delta = float((delta.detach().float().cpu().numpy() * weights[chosen]).sum())
+    return Attribution(target, text_view or classifier.config.text_view, text, words, total_delta, n_steps)
+
+
+def pooling_weights(window_logits: np.ndarray, pooling: str) -> np.ndarray:
+    """d(item logit)/d(window logit) for the configured pooling, (W,)."""
+    z = np.asarray(window_logits, dtype=np.float64)
+    if pooling == "max":
+        w = np.zeros_like(z)
+        w[int(np.argmax(z))] = 1.0
+        return w
+    if pooling == "mean":
+        return np.full_like(z, 1.0 / len(z))
+    if pooling == "logsumexp":
+        e = np.exp(z - z.max())
+        return e / e.sum()
+    raise ValueError(f"unknown pooling {pooling!r}; valid: max, mean, logsumexp")
+
+
+def merge_words(text: str, token_scores: np.ndarray, offsets: np.ndarray) -> tuple[WordScore, ...]:
+    """Sum token scores (S, T) with char offsets (S, T, 2) into the whitespace words of `text`.
+
+    Every word of the text is returned (words no window covered score 0) so a report can shade the
+    whole text; tokens without a span ((0, 0): specials, padding) are skipped.
+    """
+    spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    starts = [s for s, _ in spans]
+    scores = np.zeros(len(spans), dtype=np.float64)
+    for s, e, score in zip(offsets[..., 0].ravel(), offsets[..., 1].ravel(), token_scores.ravel()):
+        if e <= s:
+            continue
+        k = bisect.bisect_right(starts, int(s)) - 1
+        if k >= 0:
+            scores[k] += float(score)
+    return tuple(WordScore(text[s:e], s, e, float(v)) for (s, e), v in zip(spans, scores))
+
+
+@contextmanager
+def _frozen(net: torch.nn.Module) -> Iterator[None]:
+    """No parameter gradients during attribution: the backward pass only needs activation gradients."""
+    flags = [p.requires_grad for p in net.parameters()]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in zip(net.parameters(), flags):
+            p.requires_grad_(flag)

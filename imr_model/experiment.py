@@ -1,0 +1,329 @@
+"""One `imr train` run end to end, and `imr evaluate`.
+
+records → grouped splits → TF-IDF baseline and transformer (both calibrated on validation) →
+majority / TF-IDF / model rows on validation and test → optional grouped K-fold CV with pooled
+out-of-fold metrics → saved model directory (with the baseline inside) → MLflow run, pyfunc,
+registry alias `candidate`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from imr_model.baseline import BaselineModel
+from imr_model.config import TrainConfig
+from imr_model.metrics import format_table, majority_probabilities, summary_row
+from imr_model.training import Split, calibrate_baseline, score_predictions, train_classifier
+
+logger = logging.getLogger(__name__)
+BASELINE_DIR = "baseline"
+SPLIT_NAMES = {"validation": "val", "test": "test"}
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: where the model is, every metric, the printed table, MLflow ids."""
+
+    model_dir: Path
+    metrics: dict
+    table: str
+    run_id: str | None = None
+    model_uri: str | None = None
+    version: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def label_matrix(records: Sequence[dict], label_names: Sequence[str]) -> np.ndarray:
+    """(N, L) 0/1 guideline matrix in `label_names` order; unknown label ids are an error."""
+    index = {name: j for j, name in enumerate(label_names)}
+    Y = np.zeros((len(records), len(label_names)), dtype=int)
+    for i, rec in enumerate(records):
+        for label in rec.get("guideline_labels") or []:
+            if label not in index:
+                raise ValueError(f"item {i} has guideline label {label!r}, not in the taxonomy {list(label_names)}")
+            Y[i, index[label]] = 1
+    return Y
+
+
+def records_to_split(records: Sequence[dict], view: str, label_names: Sequence[str]) -> Split:
+    """Item records → a Split in the given text view."""
+    from imr_model.dataset import text_view
+    from imr_model.types import OVERTURNED
+
+    return Split(
+        texts=[text_view(r, view) for r in records],
+        y=np.array([int(r.get("decision") == OVERTURNED) for r in records]),
+        Y=label_matrix(records, label_names),
+    )
+
+
+def load_training_records(data: Sequence[str] | None, cfg: TrainConfig) -> tuple[list[dict], str]:
+    """Records from `--data` paths, or the demo letters when none are given; returns (records, source)."""
+    if not data:
+        from imr_model.demo import generate_letters
+
+        n, seed = cfg.data.demo_letters, cfg.seed
+        records = [r for letter in generate_letters(n, seed=seed) for r in letter.item_records()]
+        return records, f"demo:letters={n},seed={seed}"
+    from imr_model.dataset import load_records
+
+    records, errors = load_records(list(data))
+    if errors:  # names only: a failed letter's text is never shown
+        logger.warning("%d input files could not be parsed: %s", len(errors), ", ".join(e.source for e in errors[:10]))
+    if not records:
+        raise ValueError(f"no labelled items found in {list(data)}")
+    return records, ",".join(str(Path(d).resolve()) for d in data)
+
+
+def check_labels(y: np.ndarray, where: str) -> None:
+    if y.sum() == 0 or y.sum() == len(y):
+        raise ValueError(f"{where} holds only one outcome ({int(y.sum())} Overturned of {len(y)}); need both to train")
+
+
+def compare_rows(split: Split, label_names: Sequence[str], train_rate: float, models: dict) -> dict:
+    """{"majority"|name: {"outcome", "guidelines"}} on one split; majority predicts the training rate."""
+    rows = {}
+    p_major = np.full(len(split), float(train_rate))
+    rows["majority"] = score_predictions(split, p_major, np.zeros_like(split.Y, dtype=float), 0.5,
+                                         np.full(len(label_names), 0.5), label_names)  # fmt: skip
+    for name, model in models.items():
+        p, P = model.predict_proba(split.texts)
+        rows[name] = score_predictions(split, p, P, model.outcome_threshold, model.guideline_thresholds, label_names)
+        rows[name]["_probabilities"] = p
+    return rows
+
+
+def _table_rows(by_split: dict) -> dict:
+    return {f"{split}/{name}": summary_row(r["outcome"], r["guidelines"])
+            for split, rows in by_split.items() for name, r in rows.items()}  # fmt: skip
+
+
+def _strip_private(obj):
+    if isinstance(obj, dict):
+        return {k: _strip_private(v) for k, v in obj.items() if not str(k).startswith("_")}
+    return obj
+
+
+def fit_baseline(cfg: TrainConfig, train: Split, val: Split, label_names: Sequence[str]) -> BaselineModel:
+    model = BaselineModel.fit(train.texts, train.y, train.Y, label_names, cfg.baseline,
+                              text_view=cfg.model.text_view, seed=cfg.seed)  # fmt: skip
+    calibrate_baseline(model, val)
+    return model
+
+
+def cross_validate(cfg: TrainConfig, records: list[dict], k: int, label_names: Sequence[str], *,
+                   quiet: bool = False, log=None) -> dict:  # fmt: skip
+    """Grouped K-fold: every item is scored once by models that never saw its letter; pooled metrics."""
+    from imr_model.dataset import build_dataset, grouped_kfold
+    from imr_model.metrics import guideline_metrics, outcome_metrics
+
+    view = cfg.model.text_view
+    all_split = records_to_split(records, view, label_names)
+    n, L = len(records), len(label_names)
+    probs = {m: np.zeros(n) for m in ("majority", "tfidf", "model")}
+    thr = {m: np.full(n, 0.5) for m in probs}
+    decided = {m: np.zeros((n, L), dtype=int) for m in probs}
+    for fold, (tr, te) in enumerate(grouped_kfold(records, k, seed=cfg.seed)):
+        start = time.perf_counter()
+        inner = build_dataset([records[i] for i in tr], seed=cfg.seed + fold,
+                              val_size=cfg.data.val_size / (1 - cfg.data.test_size), test_size=0.0)  # fmt: skip
+        train = records_to_split(list(inner["train"]), view, label_names)
+        val = records_to_split(list(inner["validation"]), view, label_names)
+        test = records_to_split([records[i] for i in te], view, label_names)
+        check_labels(train.y, f"CV fold {fold} training split")
+        baseline = fit_baseline(cfg, train, val, label_names)
+        clf, _ = train_classifier(cfg, train, val, label_names, quiet=quiet)
+        probs["majority"][te] = majority_probabilities(train.y, len(te))
+        for name, model in (("tfidf", baseline), ("model", clf)):
+            p, P = model.predict_proba(test.texts)
+            probs[name][te], thr[name][te] = p, model.outcome_threshold
+            decided[name][te] = (P >= model.guideline_thresholds[None, :]).astype(int)
+        fold_auc = outcome_metrics(test.y, probs["model"][te], 0.5)["auroc"]
+        logger.info("CV fold %d/%d: %d test items, model AUROC %.3f, %.0fs", fold + 1, k, len(te), fold_auc,
+                    time.perf_counter() - start)  # fmt: skip
+        if log is not None:
+            log(fold, {"cv_fold_auroc": fold_auc, "cv_fold_seconds": time.perf_counter() - start})
+        del clf
+        gc.collect()
+    out = {}
+    for name in probs:
+        outcome = outcome_metrics_per_item(all_split.y, probs[name], thr[name])
+        out[name] = {"outcome": outcome, "guidelines": guideline_metrics(all_split.Y, decided[name], label_names),
+                     "_probabilities": probs[name]}  # fmt: skip
+    out["_y"] = all_split.y
+    return out
+
+
+def outcome_metrics_per_item(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray) -> dict:
+    """Pooled out-of-fold outcome metrics when each fold chose its own threshold.
+
+    Threshold-free metrics use the pooled probabilities; decision metrics use each item's own fold
+    threshold (shifting p by the threshold difference leaves every decision unchanged).
+    """
+    from imr_model.metrics import outcome_metrics
+
+    decisions = outcome_metrics(y, np.clip(p - thresholds + 0.5, 0, 1), 0.5)
+    pooled = outcome_metrics(y, p, float(np.median(thresholds)))
+    for key in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "mcc", "confusion"):
+        pooled[key] = decisions[key]
+    pooled["threshold"] = float(np.median(thresholds))
+    return pooled
+
+
+def _save(cfg: TrainConfig, clf, baseline: BaselineModel, digest: str, metrics: dict) -> Path:
+    from imr_model import __version__
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    model_dir = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+    suffix = 1
+    while model_dir.exists():
+        model_dir = Path(cfg.output_dir) / f"{cfg.name}-{stamp}-{suffix}"
+        suffix += 1
+    clf.config = clf.config.model_copy(update={"version": f"{cfg.name}-{stamp}", "data_digest": digest,
+                                               "package_version": __version__})  # fmt: skip
+    clf.metrics.update(metrics)
+    clf.save_pretrained(model_dir)
+    baseline.save(model_dir / BASELINE_DIR)
+    return model_dir
+
+
+def _log_evaluation(by_split: dict, label_names: Sequence[str], splits: dict, prefix: str = "") -> None:
+    """MLflow metrics and plots for every evaluated split (model, tfidf and majority rows)."""
+    from imr_model import plots, tracking
+    from imr_model.metrics import flat_metrics
+
+    for split, rows in by_split.items():
+        short = SPLIT_NAMES.get(split, split)
+        values = {}
+        for name, r in rows.items():
+            if name.startswith("_"):
+                continue
+            key = f"{prefix}{short}" if name == "model" else f"{prefix}{name}_{short}"
+            values.update(flat_metrics(key, summary_row(r["outcome"], r["guidelines"])))
+            values.update(flat_metrics(f"{key}_guideline", {"macro_f1_all_labels": r["guidelines"]["macro_f1_all_labels"]}))
+        tracking.log_metrics(values)
+        y = splits[split]
+        curves = {n: rows[n]["_probabilities"] for n in ("tfidf", "model") if n in rows}
+        tracking.log_figure(plots.reliability_diagram(y, curves, title=f"Reliability, {split}"), f"plots/{prefix}{short}_reliability.png")
+        tracking.log_figure(plots.pr_curve(y, curves, title=f"Precision-recall, {split}"), f"plots/{prefix}{short}_pr_curve.png")
+        tracking.log_figure(plots.confusion_matrix_figure(rows["model"]["outcome"]["confusion"],
+                            title=f"Model, {split}"), f"plots/{prefix}{short}_confusion.png")  # fmt: skip
+
+
+def run_training(cfg: TrainConfig, data: Sequence[str] | None = None, *, cv: int = 0,
+                 config_path: str | Path | None = None, quiet: bool = False) -> TrainResult:  # fmt: skip
+    """Train baseline + transformer, evaluate, optionally cross-validate, save, and log to MLflow."""
+    from contextlib import nullcontext
+
+    from imr_model import tracking
+    from imr_model.dataset import build_dataset, dataset_digest
+    from imr_model.pretrain import backbone_report
+    from imr_model.taxonomy import LABELS
+
+    label_names = list(LABELS)
+    records, source = load_training_records(data, cfg)
+    dd = build_dataset(records, seed=cfg.seed, val_size=cfg.data.val_size, test_size=cfg.data.test_size)
+    digest = dataset_digest(dd)
+    view = cfg.model.text_view
+    splits = {name: records_to_split(list(dd[name]), view, label_names) for name in ("train", "validation", "test")}
+    check_labels(splits["train"].y, "the training split")
+    run_ctx = (tracking.start_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.name, {"text_view": view})
+               if cfg.mlflow.enabled else nullcontext(None))  # fmt: skip
+    with run_ctx as run:
+        if run is not None:
+            tracking.log_run_context(cfg.flat(), config_path, cfg.model_dump())
+            tracking.log_datasets(source, digest, {k: len(v) for k, v in splits.items()}, view, getattr(dd, "report", None))
+        metrics: dict = {"train_overturn_rate": float(splits["train"].y.mean()), "data_digest": digest}
+        pretrained = backbone_report(cfg.model.backbone)
+        if pretrained is not None:  # a domain-adapted backbone: keep its perplexities beside the results
+            metrics["backbone_pretraining"] = {k: pretrained[k] for k in ("perplexity_before", "perplexity_after", "steps")}
+            if run is not None:
+                tracking.log_metrics({f"backbone_{k}": v for k, v in metrics["backbone_pretraining"].items()})
+        if cv:
+            oof = cross_validate(cfg, records, cv, label_names, quiet=quiet,
+                                 log=(lambda f, v: tracking.log_metrics({f"{k}_{f}": x for k, x in v.items()})) if run else None)  # fmt: skip
+            y_all = oof.pop("_y")
+            metrics["cv"] = {"k": cv, **_strip_private(oof)}
+            if run is not None:
+                _log_evaluation({"cv": oof}, label_names, {"cv": y_all})
+        baseline = fit_baseline(cfg, splits["train"], splits["validation"], label_names)
+        clf, history = train_classifier(cfg, splits["train"], splits["validation"], label_names, quiet=quiet,
+                                        on_epoch=tracking.epoch_logger() if run is not None else None)  # fmt: skip
+        by_split = {name: compare_rows(splits[name], label_names, splits["train"].y.mean(), {"tfidf": baseline, "model": clf})
+                    for name in ("validation", "test") if len(splits[name])}  # fmt: skip
+        metrics.update({name: _strip_private(rows) for name, rows in by_split.items()})
+        metrics["history"] = history
+        model_dir = _save(cfg, clf, baseline, digest, metrics)
+        table = _format(metrics)
+        result = TrainResult(model_dir=model_dir, metrics=clf.metrics, table=table, history=history)
+        if run is not None:
+            _log_evaluation(by_split, label_names, {k: splits[k].y for k in by_split})
+            tracking.log_dict(clf.metrics, "metrics/metrics.json")
+            tracking.log_text(table, "metrics/table.txt")
+            tracking.set_tags({"model_dir": str(model_dir.resolve()), "eval.digest": _eval_digest(dd)})
+            result.run_id = run.info.run_id
+            if cfg.mlflow.log_model:
+                name = cfg.mlflow.registered_model if cfg.mlflow.register_model else None
+                result.model_uri, result.version = tracking.log_model(model_dir, name)
+    return result
+
+
+def _eval_digest(dd) -> str:
+    """Digest of the held-out items (test, else validation): promotion compares like with like."""
+    from imr_model.dataset import dataset_digest
+
+    split = "test" if len(dd["test"]) else "validation"
+    return dataset_digest(list(dd[split]))
+
+
+def _format(metrics: dict) -> str:
+    """Text table: CV rows first (when present), then validation and test."""
+    by_split = {k: metrics[k] for k in ("cv", "validation", "test") if k in metrics}
+    by_split = {k: {n: r for n, r in v.items() if isinstance(r, dict) and "outcome" in r} for k, v in by_split.items()}
+    return format_table(_table_rows(by_split), "Outcome = Overturned vs Upheld; guideline F1 at fitted thresholds")
+
+
+def evaluate_model(model: str | Path, data: Sequence[str], *, batch_size: int = 32) -> tuple[dict, str]:
+    """Score a saved or registered model (and its TF-IDF baseline, and the majority rule) on labelled letters."""
+    from imr_model import tracking
+    from imr_model.dataset import dataset_digest, load_records
+    from imr_model.modeling import IMRClassifier
+
+    model_dir = tracking.resolve_model_dir(model)
+    clf = IMRClassifier.from_pretrained(model_dir)
+    records, errors = load_records(list(data))
+    if not records:
+        raise ValueError(f"no labelled items found in {list(data)} ({len(errors)} files failed to parse)")
+    split = records_to_split(records, clf.config.text_view, clf.label_names)
+    models: dict = {}
+    if (model_dir / BASELINE_DIR).is_dir():
+        models["tfidf"] = BaselineModel.load(model_dir / BASELINE_DIR)
+    models["model"] = _BatchedScorer(clf, batch_size)
+    train_rate = float(clf.metrics.get("train_overturn_rate", 0.0))
+    rows = compare_rows(split, clf.label_names, train_rate, models)
+    result = {
+        "model": str(model), "model_dir": str(model_dir), "model_version": clf.config.version,
+        "text_view": clf.config.text_view, "data_digest": dataset_digest(records), "n_items": len(records),
+        "n_overturned": int(split.y.sum()), "parse_errors": [e.source for e in errors],
+        "evaluation": _strip_private(rows),
+    }  # fmt: skip
+    table = format_table(_table_rows({"eval": rows}), f"{len(records)} items, {int(split.y.sum())} Overturned")
+    return result, table
+
+
+class _BatchedScorer:
+    """An IMRClassifier with a fixed batch size, shaped like the other scorers."""
+
+    def __init__(self, clf, batch_size: int):
+        self.clf, self.batch_size = clf, batch_size
+        self.outcome_threshold, self.guideline_thresholds = clf.outcome_threshold, clf.guideline_thresholds
+
+    def predict_proba(self, texts):
+        return self.clf.predict_proba(texts, batch_size=self.batch_size)

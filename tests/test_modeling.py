@@ -1,0 +1,128 @@
+"""The IMRClassifier contract: windows, pooling, save/load, probabilities, the ONNX-style forward hook."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from imr_model.modeling import (
+    CALIBRATION_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    IMRClassifier,
+    IMRNet,
+    pool_logits,
+)
+
+LONG = " ".join(f"word{i}" for i in range(400))
+TEXTS = ["The request is medically necessary.", "", LONG, "Not medically necessary per MTUS."]
+
+
+def test_windows_cover_long_text_with_stride(tiny_classifier):
+    cfg = tiny_classifier.config
+    w = tiny_classifier.make_windows(TEXTS)
+    counts = np.bincount(w.item_ids.numpy(), minlength=len(TEXTS))
+    assert counts[0] == 1 and counts[1] == 1 and counts[3] == 1 and counts[2] > 1
+    assert counts[2] <= cfg.max_windows
+    assert w.input_ids.shape == w.attention_mask.shape and w.offsets.shape == (*w.input_ids.shape, 2)
+    assert w.input_ids.shape[1] <= cfg.max_length
+    # offsets point back into the source text; special tokens and padding are (0, 0)
+    long_rows = torch.nonzero(w.item_ids == 2).squeeze(1)
+    first = long_rows[0]
+    start, end = w.offsets[first, 1].tolist()
+    assert LONG[start:end] == "word"
+    assert w.offsets[first, 0].tolist() == [0, 0]
+    assert (w.offsets[1, w.attention_mask[1] == 0] == 0).all()
+
+
+def test_consecutive_windows_overlap_by_stride(tiny_classifier):
+    cfg = tiny_classifier.config.model_copy(update={"max_windows": 100})
+    clf = IMRClassifier(cfg, tiny_classifier.net, tiny_classifier.tokenizer)
+    w = clf.make_windows([LONG])
+    a = w.input_ids[0][w.attention_mask[0] == 1][1:-1]  # strip [CLS]/[SEP]
+    b = w.input_ids[1][w.attention_mask[1] == 1][1:-1]
+    assert torch.equal(a[-cfg.stride :], b[: cfg.stride])
+
+
+def test_pooling_modes():
+    logits = torch.tensor([1.0, 3.0, -2.0, 0.5])
+    items = torch.tensor([0, 0, 1, 2])
+    assert pool_logits(logits, items, 3, "max").tolist() == [3.0, -2.0, 0.5]
+    assert pool_logits(logits, items, 3, "mean").tolist() == [2.0, -2.0, 0.5]
+    lse = pool_logits(logits, items, 3, "logsumexp")
+    assert lse[0].item() == pytest.approx(np.log((np.exp(1) + np.exp(3)) / 2), rel=1e-5)
+    assert 2.0 < lse[0].item() < 3.0 and lse[1].item() == pytest.approx(-2.0)
+    two_d = pool_logits(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0]), 1, "max")
+    assert two_d.tolist() == [[1.0, 2.0]]
+    with pytest.raises(ValueError, match="valid: max, mean, logsumexp"):
+        pool_logits(logits, items, 3, "median")
+
+
+def test_pooled_prediction_equals_per_text_prediction(tiny_classifier):
+    """Batching, length sorting and padding must not change any item's logits."""
+    o_all, g_all = tiny_classifier.predict_logits(TEXTS, batch_size=2)
+    for i, text in enumerate(TEXTS):
+        o, g = tiny_classifier.predict_logits([text])
+        assert o[0] == pytest.approx(o_all[i], abs=1e-4)
+        assert np.allclose(g[0], g_all[i], atol=1e-4)
+
+
+def test_predict_proba_shapes_and_calibration(tiny_classifier):
+    p, P = tiny_classifier.predict_proba(TEXTS)
+    assert p.shape == (4,) and P.shape == (4, len(tiny_classifier.label_names))
+    assert ((p > 0) & (p < 1)).all()
+    o, _ = tiny_classifier.predict_logits(TEXTS)
+    clf = IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer, temperature=2.0)
+    assert np.allclose(clf.predict_proba(TEXTS)[0], 1 / (1 + np.exp(-o / 2.0)), atol=1e-6)
+    outcomes, labels = clf.decide(np.array([0.2, 0.9]), np.full((2, len(clf.label_names)), 0.6))
+    assert outcomes == ["Upheld", "Overturned"] and labels[0] == clf.label_names
+
+
+def test_forward_hook_replaces_torch_forward(tiny_classifier):
+    calls = []
+
+    def forward(ids: np.ndarray, mask: np.ndarray):
+        calls.append(ids.shape)
+        with torch.inference_mode():
+            o, g = tiny_classifier.net(torch.from_numpy(ids), torch.from_numpy(mask))
+        return o.numpy(), g.numpy()
+
+    ref = tiny_classifier.predict_proba(TEXTS)
+    got = tiny_classifier.predict_proba(TEXTS, batch_size=3, forward=forward)
+    assert calls and all(isinstance(c, tuple) for c in calls)
+    assert np.allclose(ref[0], got[0], atol=1e-6) and np.allclose(ref[1], got[1], atol=1e-6)
+
+
+def test_save_and_load_roundtrip(tiny_classifier, tmp_path):
+    clf = IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer,
+                        temperature=1.5, outcome_threshold=0.3,
+                        guideline_thresholds=np.linspace(0.1, 0.9, len(tiny_classifier.label_names)),
+                        metrics={"test": {"auroc": 0.5}})  # fmt: skip
+    clf.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob("*.bin"))
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert cfg["label_names"] == clf.label_names and cfg["encoder_config"]["hidden_size"] == 32
+    assert json.loads((tmp_path / CALIBRATION_FILE).read_text())["temperature"] == 1.5
+    assert (tmp_path / WEIGHTS_FILE).stat().st_size > 0
+    loaded = IMRClassifier.from_pretrained(tmp_path)
+    assert loaded.temperature == 1.5 and loaded.outcome_threshold == 0.3
+    assert np.allclose(loaded.guideline_thresholds, clf.guideline_thresholds)
+    assert loaded.metrics == {"test": {"auroc": 0.5}}
+    for a, b in zip(clf.predict_proba(TEXTS), loaded.predict_proba(TEXTS)):
+        assert np.allclose(a, b, atol=1e-6)
+    assert isinstance(loaded.net, IMRNet)
+    assert loaded.net.get_input_embeddings() is loaded.net.encoder.get_input_embeddings()
+
+
+def test_input_validation(tiny_classifier, tmp_path):
+    with pytest.raises(TypeError, match="wrap a single text"):
+        tiny_classifier.predict_proba("a single text")
+    with pytest.raises(TypeError, match=r"texts\[1\] is int"):
+        tiny_classifier.make_windows(["ok", 3])
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        IMRClassifier.from_pretrained(tmp_path)
+    p, P = tiny_classifier.predict_proba([])
+    assert p.shape == (0,) and P.shape == (0, len(tiny_classifier.label_names))

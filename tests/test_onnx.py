@@ -1,0 +1,74 @@
+"""ONNX Runtime backend: dynamic axes, fp32 exactness, int8 agreement (max |Δp|, ΔAUROC), caching, scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imr_model import inference
+from imr_model.modeling import IMRClassifier
+from imr_model.onnx_backend import FP32_FILE, INT8_FILE, OnnxForward, cache_dir, compare, ensure_onnx
+
+from inference_helpers import planted_texts, train_planted
+
+pytestmark = pytest.mark.slow  # training a tiny model and exporting it take ~20 s
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A trained tiny model (so probabilities spread out) and a private export cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("IMR_CACHE_DIR", str(tmp_path_factory.mktemp("onnx-cache")))
+    model_dir = train_planted(tmp_path_factory.mktemp("onnx") / "model", steps=150, seed=4)
+    clf = IMRClassifier.from_pretrained(model_dir)
+    yield model_dir, clf, OnnxForward(ensure_onnx(clf, model_dir, int8=False)), OnnxForward(ensure_onnx(clf, model_dir))
+    mp.undo()
+
+
+def test_fp32_export_matches_torch_for_any_batch_and_length(setup):
+    _, clf, fp32, _ = setup
+    texts = ["short one", " ".join(["a longer text with many more tokens"] * 8), "middle sized text here and there"]
+    for subset in ([texts[0]], texts, texts[1:]):
+        w = clf.make_windows(subset)
+        o_t, g_t = clf.forward_windows(w)
+        o_x, g_x = clf.forward_windows(w, forward=fp32)
+        np.testing.assert_allclose(o_x, o_t, atol=1e-4)
+        np.testing.assert_allclose(g_x, g_t, atol=1e-4)
+
+
+def test_int8_agreement(setup):
+    _, clf, _, int8 = setup
+    texts, y = planted_texts(120, seed=77)
+    report = compare(clf, int8, texts, y)
+    assert report["auroc_torch"] > 0.9  # a real signal to agree on
+    assert abs(report["delta_auroc"]) <= 0.005
+    assert report["max_abs_dp_outcome"] < 0.05 and report["max_abs_dp_guidelines"] < 0.05
+    assert report["outcome_agreement"] >= 0.97
+    assert report["max_abs_dp_outcome"] > 0  # int8 really changed the arithmetic
+
+
+def test_export_is_cached_per_model(setup):
+    model_dir, clf, _, _ = setup
+    folder = cache_dir(model_dir)
+    stamps = {name: (folder / name).stat().st_mtime_ns for name in (FP32_FILE, INT8_FILE)}
+    ensure_onnx(clf, model_dir)
+    assert {name: (folder / name).stat().st_mtime_ns for name in stamps} == stamps
+
+
+def test_onnx_backend_through_predict_and_score(setup, tmp_path):
+    model_dir, _, _, _ = setup
+    inference.clear_cache()
+    texts, _ = planted_texts(6, seed=5)
+    torch_p = [inference.predict(t, model=str(model_dir))[0].p_overturned for t in texts]
+    onnx_model = inference.load_model(str(model_dir), backend="onnx")
+    assert onnx_model.backend == "onnx" and onnx_model.identity().endswith("|onnx")
+    onnx_p = [inference.predict(t, model=onnx_model)[0].p_overturned for t in texts]
+    np.testing.assert_allclose(onnx_p, torch_p, atol=0.05)
+
+    from imr_model.scoring import score
+
+    table = tmp_path / "items.csv"
+    table.write_text("text\n" + "\n".join(texts) + "\n", encoding="utf-8")
+    summary = score([table], tmp_path / "out.jsonl", model=str(model_dir), backend="onnx", progress=False)
+    assert summary.items == 6 and summary.errors == 0
+    inference.clear_cache()

@@ -1,0 +1,88 @@
+"""MLflow: URI resolution, the pyfunc input contract, and train → register → load → predict → promote."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from imr_model import tracking
+from imr_model.pyfunc_model import OUTPUT_COLUMNS, frame_to_texts
+
+
+def test_tracking_uri_precedence(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri() == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+    assert tracking.tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_frame_to_texts_applies_the_view_and_keeps_ready_text():
+    frame = pd.DataFrame({"request": ["MRI knee", None], "case_summary": ["History.", None],
+                          "text": [None, "ready model input"]})  # fmt: skip
+    assert frame_to_texts(frame, "forecast") == ["Request: MRI knee\nCase summary: History.", "ready model input"]
+    assert frame_to_texts(pd.DataFrame({"request": ["x"]}), "rationale") == [""]
+    with pytest.raises(ValueError, match="expected some of"):
+        frame_to_texts(pd.DataFrame({"letter": ["x"]}), "rationale")
+
+
+def test_signature_and_input_example_are_synthetic():
+    sig = tracking.model_signature()
+    assert sig.inputs.input_names() == ["request", "rationale", "case_summary", "text"]
+    assert sig.outputs.input_names() == list(OUTPUT_COLUMNS)
+    example = tracking.demo_input_example()
+    assert list(example.columns) == ["request", "rationale", "case_summary"] and len(example) == 2
+
+
+def test_resolve_model_dir_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no IMR model directory"):
+        tracking.resolve_model_dir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither a directory nor an MLflow URI"):
+        tracking.resolve_model_dir(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_train_register_load_predict_promote(tiny_config, monkeypatch, tmp_path):
+    """The issue's end-to-end check on the tiny config (< 2 minutes)."""
+    import mlflow
+
+    from imr_model.experiment import run_training
+
+    monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) stay in tmp
+    first = run_training(tiny_config, None, quiet=True)
+    assert first.version == "1" and first.run_id
+
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("imr-classifier", "candidate").version) == "1"
+    run = client.get_run(first.run_id)
+    assert run.data.params["model.text_view"] == "rationale" and "test_auprc" in run.data.metrics
+    assert run.data.tags["dataset.digest"] == first.metrics["data_digest"]
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} >= {"imr-items-train", "imr-items-test"}
+    artifacts = {a.path for a in client.list_artifacts(first.run_id, "plots")}
+    assert {"plots/test_reliability.png", "plots/test_pr_curve.png", "plots/test_confusion.png"} <= artifacts
+    assert "epoch" not in run.data.params and client.get_metric_history(first.run_id, "val_loss")
+
+    model = mlflow.pyfunc.load_model("models:/imr-classifier@candidate")
+    frame = pd.DataFrame({"request": ["Physical therapy x6"], "rationale": ["Synthetic text: not medically necessary."],
+                          "case_summary": ["Synthetic summary."]})  # fmt: skip
+    out = model.predict(frame)
+    assert list(out.columns) == list(OUTPUT_COLUMNS) and len(out) == 1
+    assert out["outcome"][0] in ("Upheld", "Overturned") and 0 <= out["p_overturned"][0] <= 1
+    assert set(json.loads(out["guidelines"][0])) >= set(out["guideline_labels"][0])
+
+    assert tracking.promote(metric="test_auprc").promoted  # no champion yet
+    second = run_training(tiny_config, None, quiet=True)  # same data + seed → same held-out items
+    assert second.version == "2"
+    result = tracking.promote(metric="test_auprc")
+    assert result.promoted and result.candidate_value == pytest.approx(result.champion_value)
+    assert str(client.get_model_version_by_alias("imr-classifier", "champion").version) == "2"
+
+    # a candidate worse than the champion is not promoted
+    third = run_training(tiny_config, None, quiet=True)
+    client.log_metric(second.run_id, "test_auprc", 1.0)
+    client.log_metric(third.run_id, "test_auprc", 0.1)
+    refused = tracking.promote(metric="test_auprc")
+    assert not refused.promoted and "worse than" in refused.reason
+    assert str(client.get_model_version_by_alias("imr-classifier", "champion").version) == "2"

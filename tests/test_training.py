@@ -1,0 +1,187 @@
+"""Training loop, batching, freezing, reproducibility, the full `run_training` and cross-validation (tiny config)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from imr_model.experiment import (
+    BASELINE_DIR,
+    cross_validate,
+    evaluate_model,
+    label_matrix,
+    outcome_metrics_per_item,
+    records_to_split,
+    run_training,
+)
+from imr_model.training import (
+    Split,
+    _micro_batches,
+    freeze_lower_layers,
+    length_batches,
+    resolve_pos_weight,
+    train_classifier,
+)
+
+
+def test_pos_weight_auto_and_fixed():
+    y = np.array([1] + [0] * 9)
+    assert resolve_pos_weight("auto", y) == pytest.approx(3.0)
+    assert resolve_pos_weight(2.0, y) == 2.0
+    assert resolve_pos_weight("auto", np.zeros(5)) == 1.0
+
+
+def test_length_batches_cover_every_item_once_and_are_seeded():
+    lengths = list(np.random.default_rng(0).integers(5, 300, 103))
+    a = length_batches(lengths, 8, torch.Generator().manual_seed(1))
+    b = length_batches(lengths, 8, torch.Generator().manual_seed(1))
+    c = length_batches(lengths, 8, torch.Generator().manual_seed(2))
+    assert a == b and a != c
+    assert sorted(i for batch in a for i in batch) == list(range(103))
+    assert max(len(batch) for batch in a) == 8
+    # batches group similar lengths: far less padding than random batches
+    spread = np.mean([np.ptp([lengths[i] for i in batch]) for batch in a])
+    assert spread < 100
+
+
+def test_micro_batches_respect_window_cap():
+    n_windows = [1, 5, 2, 9, 1]
+    groups = _micro_batches([0, 1, 2, 3, 4], n_windows, cap=6)
+    assert [i for g in groups for i in g] == [0, 1, 2, 3, 4]
+    assert groups == [[0, 1], [2], [3], [4]]  # item 3 alone exceeds the cap and is never split
+
+
+def test_freeze_lower_layers(tiny_classifier):
+    net = tiny_classifier.net
+    try:
+        frozen = freeze_lower_layers(net, 1)
+        assert frozen > 0
+        assert all(not p.requires_grad for p in net.encoder.embeddings.parameters())
+        assert all(not p.requires_grad for p in net.encoder.encoder.layer[0].parameters())
+        assert all(p.requires_grad for p in net.encoder.encoder.layer[1].parameters())
+        with pytest.raises(ValueError, match="only 2 layers"):
+            freeze_lower_layers(net, 5)
+    finally:
+        for p in net.parameters():
+            p.requires_grad_(True)
+
+
+def test_label_matrix_rejects_unknown_labels(label_names):
+    Y = label_matrix([{"guideline_labels": ["ODG"]}, {"guideline_labels": []}], label_names)
+    assert Y.sum() == 1 and Y[0, label_names.index("ODG")] == 1
+    with pytest.raises(ValueError, match="not in the taxonomy"):
+        label_matrix([{"guideline_labels": ["NOPE"]}], label_names)
+
+
+def test_pooled_cv_decisions_use_each_folds_threshold():
+    y = np.array([1, 0, 1, 0])
+    p = np.array([0.3, 0.2, 0.9, 0.6])
+    thr = np.array([0.25, 0.25, 0.7, 0.7])  # fold 1 threshold .25, fold 2 threshold .7
+    m = outcome_metrics_per_item(y, p, thr)
+    assert m["f1"] == 1.0 and m["confusion"] == {"tn": 2, "fp": 0, "fn": 0, "tp": 2}
+    assert m["auroc"] == pytest.approx(0.75)  # threshold-free metrics use the pooled probabilities
+
+
+def _small_splits(demo_records, label_names):
+    train = records_to_split(demo_records[:60], "rationale", label_names)
+    val = records_to_split(demo_records[60:], "rationale", label_names)
+    return train, val
+
+
+@pytest.mark.slow
+def test_train_classifier_is_reproducible_and_calibrated(tiny_config, demo_records, label_names):
+    train, val = _small_splits(demo_records, label_names)
+    cfg = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"epochs": 2})})
+    clf_a, hist_a = train_classifier(cfg, train, val, label_names, quiet=True)
+    clf_b, hist_b = train_classifier(cfg, train, val, label_names, quiet=True)
+    assert [h["train_loss"] for h in hist_a] == [h["train_loss"] for h in hist_b]
+    pa, Pa = clf_a.predict_proba(val.texts)
+    pb, Pb = clf_b.predict_proba(val.texts)
+    assert np.array_equal(pa, pb) and np.array_equal(Pa, Pb)
+    assert 1 <= len(hist_a) <= 2 and {"val_loss", "val_auroc", "train_loss"} <= set(hist_a[0])
+    assert clf_a.temperature > 0 and 0 < clf_a.outcome_threshold < 1
+    assert clf_a.guideline_thresholds.shape == (len(label_names),)
+    assert clf_a.metrics["best_epoch"] in (1, 2)
+
+
+def test_train_classifier_input_errors(tiny_config, label_names):
+    one = Split(["a"], [0], np.zeros((1, len(label_names))))
+    with pytest.raises(ValueError, match="validation"):
+        train_classifier(tiny_config, one, Split([], [], np.zeros((0, len(label_names)))), label_names)
+    with pytest.raises(ValueError, match="label columns"):
+        train_classifier(tiny_config, Split(["a"], [0], np.zeros((1, 3))), one, label_names)
+
+
+@pytest.mark.slow
+def test_run_training_without_mlflow_saves_model_and_baseline(tiny_config, tmp_path):
+    cfg = tiny_config.model_copy(update={"mlflow": tiny_config.mlflow.model_copy(update={"enabled": False})})
+    result = run_training(cfg, None, quiet=True)
+    assert result.run_id is None
+    for split in ("validation", "test"):
+        rows = result.metrics[split]
+        assert set(rows) == {"majority", "tfidf", "model"}
+        assert rows["majority"]["outcome"]["recall"] == 0.0
+        assert 0 <= rows["model"]["outcome"]["auroc"] <= 1 or np.isnan(rows["model"]["outcome"]["auroc"])
+    assert (result.model_dir / BASELINE_DIR / "baseline.json").is_file()
+    saved = json.loads((result.model_dir / "config.json").read_text())
+    assert saved["data_digest"] == result.metrics["data_digest"] and saved["version"].startswith("tiny-")
+    assert "validation/tfidf" in result.table and "test/model" in result.table
+
+    # imr evaluate on labelled letters written to disk
+    from imr_model.demo import write_demo_letters
+
+    letters = write_demo_letters(tmp_path / "letters", 8, seed=11)
+    evaluation, table = evaluate_model(result.model_dir, [str(tmp_path / "letters")])
+    assert evaluation["n_items"] >= len(letters)
+    assert set(evaluation["evaluation"]) == {"majority", "tfidf", "model"}
+    assert "eval/model" in table
+
+    from typer.testing import CliRunner
+
+    from imr_model.cli import app
+
+    out = tmp_path / "eval.json"
+    cli = CliRunner().invoke(app, ["evaluate", "--model", str(result.model_dir), "--data", str(tmp_path / "letters"),
+                                   "--json", str(out)])  # fmt: skip
+    assert cli.exit_code == 0, cli.output
+    assert "eval/tfidf" in cli.output
+    assert json.loads(out.read_text())["evaluation"]["model"]["outcome"]["n"] == evaluation["n_items"]
+    bad = CliRunner().invoke(app, ["train", "--config", "tiny", "--set", "train.epoch=2"])
+    assert bad.exit_code == 2 and "unknown key 'train.epoch'" in bad.output
+
+
+@pytest.mark.slow
+def test_cross_validation_scores_every_item_once(tiny_config, demo_records, label_names):
+    cfg = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"epochs": 1})})
+    out = cross_validate(cfg, demo_records, 2, label_names, quiet=True)
+    assert set(out) == {"majority", "tfidf", "model", "_y"}
+    assert out["model"]["outcome"]["n"] == len(demo_records)
+    assert out["model"]["guidelines"]["n"] == len(demo_records)
+    assert np.array_equal(out["_y"], records_to_split(demo_records, "rationale", label_names).y)
+
+
+@pytest.mark.slow
+def test_pretrain_lowers_perplexity_and_writes_a_usable_backbone(tiny_config, demo_records, tmp_path, label_names):
+    from imr_model.config import load_config
+    from imr_model.modeling import IMRClassifier
+    from imr_model.pretrain import REPORT_FILE, backbone_report, run_pretrain
+
+    cfg = load_config("tiny", ["pretrain.epochs=3", "pretrain.max_length=32", "pretrain.head_warmup_steps=10",
+                               "pretrain.batch_size=16", "pretrain.learning_rate=1e-3"])  # fmt: skip
+    out = tmp_path / "backbone"
+    report = run_pretrain(cfg, demo_records[:30], out, quiet=True)
+    assert report["letters"]["held_out"] >= 1 and report["blocks"]["held_out"] >= 1
+    assert report["perplexity_after"] < report["perplexity_before"]
+    assert (out / REPORT_FILE).is_file() and (out / "model.safetensors").is_file()
+    assert backbone_report(str(out))["perplexity_after"] == report["perplexity_after"]
+    # the directory works as model.backbone: same encoder weights as the adapted model
+    from transformers import AutoModelForMaskedLM
+
+    mlm = AutoModelForMaskedLM.from_pretrained(str(out))
+    clf = IMRClassifier.build(cfg.model.model_copy(update={"backbone": str(out), "init": "pretrained",
+                                                           "encoder_overrides": {}}), label_names)  # fmt: skip
+    emb = clf.net.encoder.get_input_embeddings().weight
+    assert torch.equal(emb, mlm.get_input_embeddings().weight)

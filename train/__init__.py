@@ -1,0 +1,1 @@
+"""Training entrypoints: thin `main(argv)` wrappers over library calls, importable by tests."""
