@@ -33,6 +33,12 @@ PHASES = ("hf", "torch", "onnx", "attr", "agree")
 _INTERNAL = ("export",)  # ONNX export + quantization, once, before any timed phase
 
 
+def cpu_seconds() -> float:
+    """User + system CPU of this process: far less sensitive than wall time to other jobs on the machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
@@ -57,11 +63,12 @@ def phase_hf(args) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2, local_files_only=True)
     pipe = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained(source), device=-1)
     pipe(texts[0], truncation=True)  # warm-up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     for text in texts:
         pipe(text, truncation=True)
     seconds = time.perf_counter() - start
-    return {"items": len(texts), "seconds": seconds, "items_per_s": len(texts) / seconds}
+    return {"items": len(texts), "seconds": seconds, "items_per_s": len(texts) / seconds,
+            "cpu_ms_per_item": (cpu_seconds() - cpu) / len(texts) * 1000}  # fmt: skip
 
 
 def phase_score(args, backend: str) -> dict:
@@ -69,11 +76,13 @@ def phase_score(args, backend: str) -> dict:
     from imr_model.scoring import score
 
     load_model(args.model, backend=backend)  # load outside the timed part (ONNX was exported by phase "export")
+    cpu = cpu_seconds()
     with tempfile.TemporaryDirectory() as tmp:
         summary = score([args.letters], Path(tmp) / "out.jsonl", model=args.model, backend=backend,
                         batch_size=args.batch_size, progress=False)  # fmt: skip
     return {"items": summary.items, "letters": summary.letters, "errors": summary.errors,
-            "seconds": summary.seconds, "items_per_s": summary.items_per_second}  # fmt: skip
+            "seconds": summary.seconds, "items_per_s": summary.items_per_second,
+            "cpu_ms_per_item": (cpu_seconds() - cpu) / summary.items * 1000}  # fmt: skip
 
 
 def phase_attr(args) -> dict:
@@ -197,14 +206,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 def report(r: dict) -> None:
     print(f"model: {r['model']}{'' if r['trained_model'] else '  (UNTRAINED heads: timings only, ΔAUROC meaningless)'}")
-    print(f"{'path':<30}{'items':>6}{'best items/s':>14}{'median':>8}{'best ms/item':>14}{'peak RSS MB':>13}")
+    print(f"{'path':<30}{'items':>6}{'best items/s':>14}{'median':>8}{'best ms/item':>14}{'CPU ms/item':>13}{'peak RSS MB':>13}")
     median = {}
     for key, label in (("hf", "HF pipeline, per item"), ("torch", "imr score --backend torch"), ("onnx", "imr score --backend onnx")):
         if key in r:
             x = r[key]
             rates = sorted(run["items_per_s"] for run in r.get("runs", []) if run["phase"] == key)
             median[key] = rates[len(rates) // 2]
-            print(f"{label:<30}{x['items']:>6}{x['items_per_s']:>14.1f}{median[key]:>8.1f}{1000 / x['items_per_s']:>14.1f}{x['peak_rss_mb']:>13.0f}")
+            print(f"{label:<30}{x['items']:>6}{x['items_per_s']:>14.1f}{median[key]:>8.1f}{1000 / x['items_per_s']:>14.1f}"
+                  f"{x['cpu_ms_per_item']:>13.0f}{x['peak_rss_mb']:>13.0f}")  # fmt: skip
     if "hf" in r:
         for key in ("torch", "onnx"):
             if key in r:

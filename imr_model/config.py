@@ -75,7 +75,7 @@ class TrainSection(_Section):
     batch_size: int = Field(8, ge=1)  # items per step (their windows are stacked)
     learning_rate: float = Field(5e-5, gt=0)  # encoder
     head_learning_rate: float = Field(1e-3, gt=0)  # the outcome head starts from scratch
-    guideline_head_learning_rate: float = Field(1e-2, gt=0)  # 18 label queries from scratch, few examples each
+    guideline_head_learning_rate: float = Field(1e-2, gt=0)  # 18 labels from scratch, few examples each
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -84,8 +84,8 @@ class TrainSection(_Section):
     pos_weight: float | Literal["auto"] = "auto"  # auto: sqrt(n_upheld / n_overturned)
     guideline_loss_weight: float = Field(1.0, ge=0)
     eval_batch_size: int = Field(32, ge=1)
-    threshold_rule: Literal["half_max_f1", "best_f1"] = "half_max_f1"  # see metrics.half_max_f1_threshold
-    head_epochs: int = Field(0, ge=0)  # extra guideline-head epochs on the frozen encoder (cached states)
+    threshold_rule: Literal["half_max_f1", "best_f1"] = "half_max_f1"  # see calibration.half_max_f1_threshold
+    head_epochs: int = Field(0, ge=0)  # extra guideline-head epochs on the frozen encoder (cached window vectors)
     head_patience: int = Field(5, ge=0)
     max_windows_per_step: int = Field(16, ge=1)  # larger batches are split (gradient accumulation): bounds memory
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = leave torch's default

@@ -20,7 +20,8 @@ import numpy as np
 from imr_model.baseline import BaselineModel
 from imr_model.config import TrainConfig
 from imr_model.metrics import format_table, majority_probabilities, summary_row
-from imr_model.training import Split, calibrate_baseline, score_predictions, train_classifier
+from imr_model.calibration import calibrate_baseline
+from imr_model.training import Split, score_predictions, train_classifier
 
 logger = logging.getLogger(__name__)
 BASELINE_DIR = "baseline"
@@ -217,42 +218,63 @@ def _log_evaluation(by_split: dict, label_names: Sequence[str], splits: dict, pr
                             title=f"Model, {split}"), f"plots/{prefix}{short}_confusion.png")  # fmt: skip
 
 
+@dataclass
+class _Prepared:
+    records: list[dict]
+    source: str
+    dd: object  # DatasetDict
+    digest: str
+    splits: dict[str, Split]
+
+
+def _prepare(cfg: TrainConfig, data: Sequence[str] | None, label_names: Sequence[str]) -> _Prepared:
+    from imr_model.dataset import build_dataset, dataset_digest
+
+    records, source = load_training_records(data, cfg)
+    dd = build_dataset(records, seed=cfg.seed, val_size=cfg.data.val_size, test_size=cfg.data.test_size)
+    view = cfg.model.text_view
+    splits = {name: records_to_split(list(dd[name]), view, label_names) for name in ("train", "validation", "test")}
+    check_labels(splits["train"].y, "the training split")
+    return _Prepared(records, source, dd, dataset_digest(dd), splits)
+
+
+def _backbone_pretraining(cfg: TrainConfig, logging_on: bool) -> dict | None:
+    """Perplexities of a domain-adapted backbone (from `imr pretrain`), kept beside the results."""
+    from imr_model import tracking
+    from imr_model.pretrain import backbone_report
+
+    report = backbone_report(cfg.model.backbone)
+    if report is None:
+        return None
+    summary = {k: report[k] for k in ("perplexity_before", "perplexity_after", "steps")}
+    if logging_on:
+        tracking.log_metrics({f"backbone_{k}": v for k, v in summary.items()})
+    return summary
+
+
 def run_training(cfg: TrainConfig, data: Sequence[str] | None = None, *, cv: int = 0,
                  config_path: str | Path | None = None, quiet: bool = False) -> TrainResult:  # fmt: skip
     """Train baseline + transformer, evaluate, optionally cross-validate, save, and log to MLflow."""
     from contextlib import nullcontext
 
     from imr_model import tracking
-    from imr_model.dataset import build_dataset, dataset_digest
-    from imr_model.pretrain import backbone_report
     from imr_model.taxonomy import LABELS
 
-    label_names = list(LABELS)
-    records, source = load_training_records(data, cfg)
-    dd = build_dataset(records, seed=cfg.seed, val_size=cfg.data.val_size, test_size=cfg.data.test_size)
-    digest = dataset_digest(dd)
-    view = cfg.model.text_view
-    splits = {name: records_to_split(list(dd[name]), view, label_names) for name in ("train", "validation", "test")}
-    check_labels(splits["train"].y, "the training split")
+    label_names, view = list(LABELS), cfg.model.text_view
+    prep = _prepare(cfg, data, label_names)
+    splits = prep.splits
     run_ctx = (tracking.start_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.name, {"text_view": view})
                if cfg.mlflow.enabled else nullcontext(None))  # fmt: skip
     with run_ctx as run:
         if run is not None:
             tracking.log_run_context(cfg.flat(), config_path, cfg.model_dump())
-            tracking.log_datasets(source, digest, {k: len(v) for k, v in splits.items()}, view, getattr(dd, "report", None))
-        metrics: dict = {"train_overturn_rate": float(splits["train"].y.mean()), "data_digest": digest}
-        pretrained = backbone_report(cfg.model.backbone)
-        if pretrained is not None:  # a domain-adapted backbone: keep its perplexities beside the results
-            metrics["backbone_pretraining"] = {k: pretrained[k] for k in ("perplexity_before", "perplexity_after", "steps")}
-            if run is not None:
-                tracking.log_metrics({f"backbone_{k}": v for k, v in metrics["backbone_pretraining"].items()})
+            tracking.log_datasets(prep.source, prep.digest, {k: len(v) for k, v in splits.items()}, view,
+                                  getattr(prep.dd, "report", None))  # fmt: skip
+        metrics: dict = {"train_overturn_rate": float(splits["train"].y.mean()), "data_digest": prep.digest}
+        if (pretraining := _backbone_pretraining(cfg, run is not None)) is not None:
+            metrics["backbone_pretraining"] = pretraining
         if cv:
-            oof = cross_validate(cfg, records, cv, label_names, quiet=quiet,
-                                 log=(lambda f, v: tracking.log_metrics({f"{k}_{f}": x for k, x in v.items()})) if run else None)  # fmt: skip
-            y_all = oof.pop("_y")
-            metrics["cv"] = {"k": cv, **_strip_private(oof)}
-            if run is not None:
-                _log_evaluation({"cv": oof}, label_names, {"cv": y_all})
+            metrics["cv"] = _cross_validate_and_log(cfg, prep.records, cv, label_names, quiet, run is not None)
         baseline = fit_baseline(cfg, splits["train"], splits["validation"], label_names)
         clf, history = train_classifier(cfg, splits["train"], splits["validation"], label_names, quiet=quiet,
                                         on_epoch=tracking.epoch_logger() if run is not None else None)  # fmt: skip
@@ -260,19 +282,30 @@ def run_training(cfg: TrainConfig, data: Sequence[str] | None = None, *, cv: int
                     for name in ("validation", "test") if len(splits[name])}  # fmt: skip
         metrics.update({name: _strip_private(rows) for name, rows in by_split.items()})
         metrics["history"] = history
-        model_dir = _save(cfg, clf, baseline, digest, metrics)
-        table = _format(metrics)
-        result = TrainResult(model_dir=model_dir, metrics=clf.metrics, table=table, history=history)
+        model_dir = _save(cfg, clf, baseline, prep.digest, metrics)
+        result = TrainResult(model_dir=model_dir, metrics=clf.metrics, table=_format(metrics), history=history)
         if run is not None:
             _log_evaluation(by_split, label_names, {k: splits[k].y for k in by_split})
             tracking.log_dict(clf.metrics, "metrics/metrics.json")
-            tracking.log_text(table, "metrics/table.txt")
-            tracking.set_tags({"model_dir": str(model_dir.resolve()), "eval.digest": _eval_digest(dd)})
+            tracking.log_text(result.table, "metrics/table.txt")
+            tracking.set_tags({"model_dir": str(model_dir.resolve()), "eval.digest": _eval_digest(prep.dd)})
             result.run_id = run.info.run_id
             if cfg.mlflow.log_model:
                 name = cfg.mlflow.registered_model if cfg.mlflow.register_model else None
                 result.model_uri, result.version = tracking.log_model(model_dir, name)
     return result
+
+
+def _cross_validate_and_log(cfg: TrainConfig, records: list[dict], k: int, label_names: Sequence[str],
+                            quiet: bool, logging_on: bool) -> dict:  # fmt: skip
+    from imr_model import tracking
+
+    log = (lambda fold, values: tracking.log_metrics({f"{n}_{fold}": v for n, v in values.items()})) if logging_on else None
+    oof = cross_validate(cfg, records, k, label_names, quiet=quiet, log=log)
+    y_all = oof.pop("_y")
+    if logging_on:
+        _log_evaluation({"cv": oof}, label_names, {"cv": y_all})
+    return {"k": k, **_strip_private(oof)}
 
 
 def _eval_digest(dd) -> str:

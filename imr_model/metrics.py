@@ -1,4 +1,4 @@
-"""Outcome and guideline metrics, decision thresholds and temperature fitting, and the comparison table.
+"""Outcome and guideline metrics and the comparison table (fitting thresholds and temperature: calibration.py).
 
 Outcome metrics treat Overturned (label 1) as the positive class: with ~89% Upheld, accuracy alone
 hides a model that never predicts an overturn, so every table carries balanced accuracy, F1 and
@@ -16,7 +16,6 @@ import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from sklearn import metrics as skm
 
 ECE_BINS = 15
@@ -128,82 +127,6 @@ def guideline_metrics(Y_true, Y_pred, label_names: Sequence[str]) -> dict:
             for i, name in enumerate(label_names)
         },
     }
-
-
-# ------------------------------------------------------------------------------------ fitting
-def fit_temperature(logits, y_true, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
-    """Temperature T minimising the NLL of sigmoid(logit / T) on held-out items (1.0 if undefined)."""
-    z = np.asarray(logits, dtype=float)
-    y = _as_binary(y_true, "y_true")
-    _check_same_length(y, z)
-    if y.size == 0 or len(np.unique(y)) < 2:
-        return 1.0
-
-    def nll(log_t: float) -> float:
-        return binary_nll(z / math.exp(log_t), y)
-
-    res = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded")
-    best = float(math.exp(res.x))
-    return best if nll(math.log(best)) <= nll(0.0) else 1.0
-
-
-def binary_nll(logits, y_true) -> float:
-    """Mean negative log-likelihood of labels under sigmoid(logits), computed stably."""
-    z = np.asarray(logits, dtype=float)
-    y = np.asarray(y_true, dtype=float)
-    return float(np.mean(np.logaddexp(0.0, z) - y * z))
-
-
-def best_f1_threshold(y_true, scores, default: float = 0.5) -> float:
-    """Threshold maximising F1 of the positive class; the middle of the best plateau; default if no positive."""
-    y = _as_binary(y_true, "y_true")
-    s = np.asarray(scores, dtype=float)
-    _check_same_length(y, s)
-    if y.sum() == 0 or y.sum() == y.size:
-        return float(default)
-    cuts = np.unique(s)
-    f1 = np.array([skm.f1_score(y, (s >= c).astype(int), zero_division=0) for c in cuts])
-    best = np.flatnonzero(np.isclose(f1, f1.max()))
-    # Any threshold in (score below the plateau, top of the plateau] gives the same F1 here; the
-    # middle of that gap is the least sensitive to noise in a small validation set.
-    lo_idx, hi_idx = best[0], best[-1]
-    upper = cuts[hi_idx]
-    lower = cuts[lo_idx - 1] if lo_idx > 0 else max(0.0, cuts[lo_idx] - 0.05)
-    return float((lower + upper) / 2.0) if lower < upper else float(upper)
-
-
-def half_max_f1_threshold(y_true, p, default: float = 0.5) -> float:
-    """Half the best F1 reachable on held-out items: the F1-optimal threshold for calibrated probabilities.
-
-    Lipton, Elkan & Narayanaswamy (2014) show that for calibrated P(positive) the threshold that
-    maximises expected F1 is F1*/2. Unlike the empirical argmax, it does not jump to wherever the
-    few validation positives happen to fall (a small validation split holds ~5 Overturned).
-    """
-    y = _as_binary(y_true, "y_true")
-    s = np.asarray(p, dtype=float)
-    _check_same_length(y, s)
-    if y.sum() == 0 or y.sum() == y.size:
-        return float(default)
-    best = max(skm.f1_score(y, (s >= c).astype(int), zero_division=0) for c in np.unique(s))
-    return float(best / 2.0)
-
-
-THRESHOLD_RULES = {"half_max_f1": half_max_f1_threshold, "best_f1": best_f1_threshold}
-
-
-def fit_threshold(y_true, p, rule: str = "half_max_f1", default: float = 0.5) -> float:
-    """Decision threshold by rule: `half_max_f1` (calibrated probabilities) or `best_f1` (empirical argmax)."""
-    if rule not in THRESHOLD_RULES:
-        raise ValueError(f"unknown threshold rule {rule!r}; valid: {', '.join(THRESHOLD_RULES)}")
-    return THRESHOLD_RULES[rule](y_true, p, default)
-
-
-def fit_label_thresholds(Y_true, P, default: float = 0.5, rule: str = "best_f1") -> np.ndarray:
-    """Per-label thresholds (L,) by `rule`; labels without positives keep `default`."""
-    yt, pr = np.asarray(Y_true).astype(int), np.asarray(P, dtype=float)
-    if yt.shape != pr.shape:
-        raise ValueError(f"Y_true has shape {yt.shape} but P has {pr.shape}")
-    return np.array([fit_threshold(yt[:, j], pr[:, j], rule, default) for j in range(yt.shape[1])])
 
 
 # ------------------------------------------------------------------------------------ reporting

@@ -17,7 +17,9 @@ backbone: the encoder is rebuilt from the stored transformers config.
 
 from __future__ import annotations
 
+import itertools
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -140,6 +142,22 @@ def _encoder_from_config(encoder_config: dict) -> nn.Module:
         return AutoModel.from_config(hf_config)
 
 
+@contextmanager
+def _quiet_transformers():
+    """Silence transformers' load report and progress bar for one call, then restore the user's settings."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def build_encoder(config: ModelConfig) -> tuple[nn.Module, object]:
     """Encoder and tokenizer for a new model, from the backbone (pretrained weights or random init)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -156,10 +174,11 @@ def build_encoder(config: ModelConfig) -> tuple[nn.Module, object]:
         hf_config.vocab_size = len(tokenizer)
         encoder = _encoder_from_config(hf_config.to_dict())
     else:  # overrides such as attention_probs_dropout_prob apply on top of the pretrained weights
-        try:
-            encoder = AutoModel.from_pretrained(source, config=hf_config, local_files_only=local, add_pooling_layer=False)
-        except TypeError:
-            encoder = AutoModel.from_pretrained(source, config=hf_config, local_files_only=local)
+        with _quiet_transformers():  # the unused pooler weights are reported as "unexpected" on every load
+            try:
+                encoder = AutoModel.from_pretrained(source, config=hf_config, local_files_only=local, add_pooling_layer=False)
+            except TypeError:
+                encoder = AutoModel.from_pretrained(source, config=hf_config, local_files_only=local)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"backbone {config.backbone!r} has no fast tokenizer; character offsets need one")
     return encoder, tokenizer
@@ -372,17 +391,12 @@ def _cap_windows(owners: list[int], max_windows: int) -> list[int]:
     Verdicts tend to close a rationale and requests open a summary, so the middle goes first.
     """
     keep: list[int] = []
-    start = 0
-    while start < len(owners):
-        end = start
-        while end < len(owners) and owners[end] == owners[start]:
-            end += 1
-        span = list(range(start, end))
+    for _, group in itertools.groupby(range(len(owners)), key=owners.__getitem__):
+        span = list(group)
         if len(span) > max_windows:
             head = (max_windows + 1) // 2
             span = span[:head] + span[len(span) - (max_windows - head) :]
         keep.extend(span)
-        start = end
     return keep
 
 

@@ -15,6 +15,7 @@ threshold (F1 of Overturned) and one threshold per guideline label (F1).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 import time
@@ -26,18 +27,13 @@ import torch
 from torch import nn
 
 from imr_model.config import TrainConfig
-from imr_model.metrics import (
-    best_f1_threshold,
-    fit_label_thresholds,
-    fit_threshold,
-    fit_temperature,
-    guideline_metrics,
-    outcome_metrics,
-)
+from imr_model.calibration import calibrate
+from imr_model.metrics import guideline_metrics, outcome_metrics
 from imr_model.modeling import IMRClassifier, Windows, pool_logits
 from imr_model.progress import progress_bar
 
 EpochCallback = Callable[[int, dict], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -345,6 +341,7 @@ def train_classifier(
         log.update({f"val_{k}": v for k, v in _validate(clf, w_val, val, cfg, pos_weight).items()})
         log["seconds"] = time.perf_counter() - start
         history.append(log)
+        logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in log.items() if k != "epoch"))
         if on_epoch is not None:
             on_epoch(epoch, log)
         if _improved(metric, log[f"val_{metric}"], best_value):
@@ -364,32 +361,6 @@ def train_classifier(
     clf.metrics.update({"best_epoch": best_epoch, "pos_weight": pos_weight})
     clf.net.eval()
     return clf, history
-
-
-def calibrate(clf: IMRClassifier, windows: Windows, val: Split, batch_size: int = 32, rule: str = "half_max_f1") -> None:
-    """Fit temperature, outcome threshold and per-label thresholds on validation items, in place.
-
-    The transformer's probabilities are calibrated (temperature for the outcome; unweighted BCE for
-    the guidelines), so `rule` defaults to half the best F1 (see metrics.half_max_f1_threshold).
-    """
-    o, g = item_logits(clf, windows, len(val), batch_size)
-    clf.temperature = fit_temperature(o, val.y)
-    p, P = clf.calibrate(o, g)
-    clf.outcome_threshold = fit_threshold(val.y, p, rule)
-    clf.guideline_thresholds = fit_label_thresholds(val.Y, P, rule=rule)
-
-
-def calibrate_baseline(model, val: Split) -> None:
-    """Temperature of the baseline's outcome logit, and empirical F1-optimal thresholds.
-
-    Balanced class weights inflate the baseline's probabilities of rare classes (and temperature
-    cannot remove a shift), so it gets the empirical argmax rule rather than half_max_f1.
-    """
-    o, g = model.decision_function(val.texts)
-    model.temperature = fit_temperature(o, val.y)
-    p, P = model.predict_proba(val.texts)
-    model.outcome_threshold = best_f1_threshold(val.y, p)
-    model.guideline_thresholds = fit_label_thresholds(val.Y, P, rule="best_f1")
 
 
 def predict_split(model: Scorer, split: Split) -> tuple[np.ndarray, np.ndarray]:

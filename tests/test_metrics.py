@@ -1,4 +1,4 @@
-"""Metric functions against scikit-learn on fixed arrays; calibration and threshold fitting."""
+"""Metric functions against scikit-learn on fixed arrays; calibration (temperature, thresholds) on constructed cases."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from imr_model.metrics import (
+from imr_model.calibration import (
     best_f1_threshold,
     binary_nll,
-    expected_calibration_error,
     fit_label_thresholds,
     fit_temperature,
+    fit_threshold,
+    half_max_f1_threshold,
+)
+from imr_model.metrics import (
+    expected_calibration_error,
     format_table,
     guideline_metrics,
     majority_probabilities,
@@ -126,8 +130,6 @@ def test_table_has_a_row_per_model():
 
 
 def test_half_max_f1_threshold_and_rules():
-    from imr_model.metrics import fit_threshold, half_max_f1_threshold
-
     y = np.array([0, 0, 0, 1, 1])
     s = np.array([0.1, 0.2, 0.3, 0.6, 0.8])
     assert half_max_f1_threshold(y, s) == pytest.approx(0.5)  # best F1 is 1.0

@@ -26,7 +26,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from imr_model.experiment import load_training_records
     from imr_model.pretrain import run_pretrain
 
+    from train.train import log_to_stderr
+
     args = parse_args(argv)
+    log_to_stderr()
     cfg = load_config(args.config, args.overrides)
     records, source = load_training_records(args.data, cfg)
     report = run_pretrain(cfg, records, args.output, quiet=args.quiet)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Sequence
 
@@ -27,12 +28,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def log_to_stderr() -> None:
+    """Show imr_model's progress messages (counts and metrics only, never letter text) on stderr."""
+    log = logging.getLogger("imr_model")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None):
     """Run training; returns the `TrainResult`."""
     from imr_model.config import load_config, resolve_config_path
     from imr_model.experiment import run_training
 
     args = parse_args(argv)
+    log_to_stderr()
     cfg = load_config(args.config, args.overrides)
     result = run_training(cfg, args.data, cv=args.cv, config_path=resolve_config_path(args.config),
                           quiet=args.quiet)  # fmt: skip
