@@ -104,7 +104,7 @@ def read_table(path: str | Path):
         return pd.read_parquet(path)
     if suffix == ".jsonl":
         return pd.read_json(path, lines=True, dtype=False)
-    try:  # strings only: ids such as 0012 or CM16-0213037 must not be parsed as numbers
+    try:  # strings only: ids such as 0012 or CM99-0000001 must not be parsed as numbers
         return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except UnicodeDecodeError:
         return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="cp1252")
