@@ -7,7 +7,9 @@ For one item text:
    mask is the input's, so only the word identities change along the integration path.
 2. The item logit is a pooling of window logits, so its attribution is the pooling's gradient-
    weighted sum of window attributions: max pooling → only the winning window (which also saves the
-   cost of the others), mean → 1/W each, logsumexp → softmax of the window logits.
+   cost of the others), last → only the item's last window (with sentence windows: the sentence
+   that states the verdict), mean → 1/W each, logsumexp → softmax of the window logits. The
+   outcome uses `model.pooling`, guideline labels `model.guideline_pooling`.
 3. Integrated gradients along `n_steps` points (Gauss-Legendre, Captum's default) in internal
    batches, parameters frozen so the backward pass computes no weight gradients.
 4. Sub-word scores are summed into whitespace-delimited words with character offsets into the text,
@@ -118,7 +120,8 @@ def attribute(
 
     with torch.inference_mode():
         window_logits = target_logit(ids, mask).float().cpu().numpy()  # (W,)
-    weights = pooling_weights(window_logits, classifier.config.pooling)
+    pooling = classifier.config.pooling if column is None else classifier.config.guideline_pool
+    weights = pooling_weights(window_logits, pooling)
     chosen = np.flatnonzero(weights > 0)
     special = torch.as_tensor((offsets[chosen] == 0).all(axis=-1), device=device)  # (S, T) no text span
     sel_ids, sel_mask = ids[chosen], mask[chosen]
@@ -148,12 +151,16 @@ def pooling_weights(window_logits: np.ndarray, pooling: str) -> np.ndarray:
         w = np.zeros_like(z)
         w[int(np.argmax(z))] = 1.0
         return w
+    if pooling == "last":  # windows are in text order
+        w = np.zeros_like(z)
+        w[-1] = 1.0
+        return w
     if pooling == "mean":
         return np.full_like(z, 1.0 / len(z))
     if pooling == "logsumexp":
         e = np.exp(z - z.max())
         return e / e.sum()
-    raise ValueError(f"unknown pooling {pooling!r}; valid: max, mean, logsumexp")
+    raise ValueError(f"unknown pooling {pooling!r}; valid: max, mean, logsumexp, last")
 
 
 def merge_words(text: str, token_scores: np.ndarray, offsets: np.ndarray) -> tuple[WordScore, ...]:

