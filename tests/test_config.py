@@ -88,5 +88,5 @@ def test_backbone_dir_without_config_is_rejected(tmp_path):
 
 def test_flat_params_have_dotted_keys_and_no_label_lists():
     flat = load_config("default").flat()
-    assert flat["train.epochs"] == 6 and flat["model.backbone"] == "minilm"
+    assert flat["train.epochs"] == 4 and flat["model.backbone"] == "minilm"
     assert "model.label_names" not in flat and "model.encoder_config" not in flat
