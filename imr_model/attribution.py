@@ -118,13 +118,17 @@ def attribute(
         outcome, guidelines = net(input_ids, attention_mask)
         return outcome if column is None else guidelines[:, column]  # (rows,)
 
-    with torch.inference_mode():
-        window_logits = target_logit(ids, mask).float().cpu().numpy()  # (W,)
     pooling = classifier.config.pooling if column is None else classifier.config.guideline_pool
+    if pooling in ("last", "mean"):  # the weights do not depend on the logits: skip a forward of every window
+        window_logits = np.zeros(len(ids), dtype=np.float32)
+    else:
+        with torch.inference_mode():
+            window_logits = target_logit(ids, mask).float().cpu().numpy()  # (W,)
     weights = pooling_weights(window_logits, pooling)
     chosen = np.flatnonzero(weights > 0)
-    special = torch.as_tensor((offsets[chosen] == 0).all(axis=-1), device=device)  # (S, T) no text span
-    sel_ids, sel_mask = ids[chosen], mask[chosen]
+    sel_width = max(1, int(mask[chosen].sum(dim=1).max()))  # trim the padding the longer windows needed
+    special = torch.as_tensor((offsets[chosen, :sel_width] == 0).all(axis=-1), device=device)  # (S, T) no text span
+    sel_ids, sel_mask = ids[chosen, :sel_width], mask[chosen, :sel_width]
     pad = classifier.tokenizer.pad_token_id or 0
     baselines = torch.where(special, sel_ids, torch.full_like(sel_ids, pad))
     lig = LayerIntegratedGradients(target_logit, net.get_input_embeddings())
@@ -134,12 +138,12 @@ def attribute(
             baselines=baselines,
             additional_forward_args=(sel_mask,),
             n_steps=n_steps,
-            internal_batch_size=max(1, batch_tokens // width),
+            internal_batch_size=max(1, batch_tokens // sel_width),
             return_convergence_delta=True,
         )
     token_scores = attrs.sum(dim=-1).detach().float().cpu().numpy() * weights[chosen, None]  # (S, T)
     token_scores[~sel_mask.cpu().numpy().astype(bool)] = 0.0
-    words = merge_words(text, token_scores, offsets[chosen])
+    words = merge_words(text, token_scores, offsets[chosen, :sel_width])
     total_delta = float((delta.detach().float().cpu().numpy() * weights[chosen]).sum())
     return Attribution(target, text_view or classifier.config.text_view, text, words, total_delta, n_steps)
 
