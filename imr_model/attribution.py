@@ -11,7 +11,8 @@ For one item text:
    that states the verdict), mean → 1/W each, logsumexp → softmax of the window logits. The
    outcome uses `model.pooling`, guideline labels `model.guideline_pooling`.
 3. Integrated gradients along `n_steps` points (Gauss-Legendre, Captum's default) in internal
-   batches, parameters frozen so the backward pass computes no weight gradients.
+   batches, parameters frozen so the backward pass computes no weight gradients. `attribute_many`
+   batches the attributed windows of many items (grouped by length) into shared passes.
 4. Sub-word scores are summed into whitespace-delimited words with character offsets into the text,
    so scores still add up (completeness): Σ word scores = Σ_w weight_w·(F_w(x) − F_w(baseline)) −
    `delta`, where `delta` is Captum's convergence delta (weighted the same way).
@@ -26,7 +27,7 @@ import bisect
 import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -95,24 +96,39 @@ def attribute(
     *,
     target: str = OUTCOME,
     n_steps: int = DEFAULT_STEPS,
-    batch_tokens: int = 16384,
+    batch_tokens: int = 4096,
     text_view: str | None = None,
 ) -> Attribution:
-    """Attribute one item's `target` logit to the words of `text` (already in the model's text view).
+    """Attribute one item's `target` logit to the words of `text` (already in the model's text view)."""
+    return attribute_many(classifier, [text], target=target, n_steps=n_steps, batch_tokens=batch_tokens,
+                          text_view=text_view)[0]  # fmt: skip
 
-    `batch_tokens` bounds the work per forward pass: interpolation steps are evaluated in internal
-    batches of about `batch_tokens / window_length` rows.
+
+def attribute_many(
+    classifier,
+    texts: Sequence[str],
+    *,
+    target: str = OUTCOME,
+    n_steps: int = DEFAULT_STEPS,
+    batch_tokens: int = 4096,
+    text_view: str | None = None,
+) -> list[Attribution]:
+    """Attributions of many items at once: the attributed windows of all items share forward passes.
+
+    Rows are independent (each has its own attention mask), so batching changes nothing but speed.
+    Windows are grouped by length so that little is padding; `batch_tokens` bounds the tokens per
+    forward pass (interpolation steps × rows × window length).
     """
     if n_steps < 2:
         raise ValueError(f"n_steps must be >= 2, got {n_steps}")
     column = check_target(target, classifier.label_names)
-    windows = classifier.make_windows([text])
-    width = max(1, int(windows.attention_mask.sum(dim=1).max()))
-    ids, mask = windows.input_ids[:, :width], windows.attention_mask[:, :width]
-    offsets = windows.offsets[:, :width].numpy()
-    net = classifier.net
-    device = classifier.device
-    ids, mask = ids.to(device), mask.to(device)
+    texts = list(texts)
+    if not texts:
+        return []
+    net, device = classifier.net, classifier.device
+    windows = classifier.make_windows(texts)
+    owners = windows.item_ids.numpy()
+    lengths = windows.attention_mask.sum(dim=1).numpy()
 
     def target_logit(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         outcome, guidelines = net(input_ids, attention_mask)
@@ -120,32 +136,51 @@ def attribute(
 
     pooling = classifier.config.pooling if column is None else classifier.config.guideline_pool
     if pooling in ("last", "mean"):  # the weights do not depend on the logits: skip a forward of every window
-        window_logits = np.zeros(len(ids), dtype=np.float32)
+        window_logits = np.zeros(len(windows), dtype=np.float64)
     else:
-        with torch.inference_mode():
-            window_logits = target_logit(ids, mask).float().cpu().numpy()  # (W,)
-    weights = pooling_weights(window_logits, pooling)
+        o, g = classifier.forward_windows(windows)
+        window_logits = np.asarray(o if column is None else g[:, column], dtype=np.float64)
+    weights = np.zeros(len(windows), dtype=np.float64)
+    for item in range(len(texts)):
+        rows = np.flatnonzero(owners == item)
+        weights[rows] = pooling_weights(window_logits[rows], pooling)
     chosen = np.flatnonzero(weights > 0)
-    sel_width = max(1, int(mask[chosen].sum(dim=1).max()))  # trim the padding the longer windows needed
-    special = torch.as_tensor((offsets[chosen, :sel_width] == 0).all(axis=-1), device=device)  # (S, T) no text span
-    sel_ids, sel_mask = ids[chosen, :sel_width], mask[chosen, :sel_width]
+    chosen = chosen[np.argsort(lengths[chosen], kind="stable")]  # similar lengths share a forward pass
+    scores = {int(r): None for r in chosen}
+    deltas = np.zeros(len(windows), dtype=np.float64)
     pad = classifier.tokenizer.pad_token_id or 0
-    baselines = torch.where(special, sel_ids, torch.full_like(sel_ids, pad))
     lig = LayerIntegratedGradients(target_logit, net.get_input_embeddings())
-    with _frozen(net):
-        attrs, delta = lig.attribute(
-            inputs=sel_ids,
-            baselines=baselines,
-            additional_forward_args=(sel_mask,),
-            n_steps=n_steps,
-            internal_batch_size=max(1, batch_tokens // sel_width),
-            return_convergence_delta=True,
-        )
-    token_scores = attrs.sum(dim=-1).detach().float().cpu().numpy() * weights[chosen, None]  # (S, T)
-    token_scores[~sel_mask.cpu().numpy().astype(bool)] = 0.0
-    words = merge_words(text, token_scores, offsets[chosen, :sel_width])
-    total_delta = float((delta.detach().float().cpu().numpy() * weights[chosen]).sum())
-    return Attribution(target, text_view or classifier.config.text_view, text, words, total_delta, n_steps)
+    start = 0
+    while start < len(chosen):
+        width = max(1, int(lengths[chosen[start]]))
+        rows_fit = max(1, batch_tokens // (n_steps * width))  # all steps of these rows in one pass
+        group = chosen[start : start + rows_fit]
+        width = max(1, int(lengths[group].max()))
+        ids = windows.input_ids[group, :width].to(device)
+        mask = windows.attention_mask[group, :width].to(device)
+        special = (windows.offsets[group, :width] == 0).all(dim=-1).to(device)  # [CLS]/[SEP]/pad: no text span
+        baselines = torch.where(special, ids, torch.full_like(ids, pad))
+        with _frozen(net):
+            attrs, delta = lig.attribute(inputs=ids, baselines=baselines, additional_forward_args=(mask,),
+                                         n_steps=n_steps, internal_batch_size=max(len(group), batch_tokens // width),
+                                         return_convergence_delta=True)  # fmt: skip
+        token_scores = attrs.sum(dim=-1).detach().float().cpu().numpy()
+        token_scores[~mask.cpu().numpy().astype(bool)] = 0.0
+        for k, row in enumerate(group):
+            scores[int(row)] = token_scores[k] * weights[row]
+            deltas[row] = float(delta[k]) * weights[row]
+        start += len(group)
+    out = []
+    for item, text in enumerate(texts):
+        rows = [r for r in np.flatnonzero(owners == item) if weights[r] > 0]
+        width = max(len(scores[r]) for r in rows)
+        item_scores = np.zeros((len(rows), width))
+        for k, r in enumerate(rows):
+            item_scores[k, : len(scores[r])] = scores[r]
+        offsets = windows.offsets[rows, :width].numpy()
+        out.append(Attribution(target, text_view or classifier.config.text_view, text,
+                               merge_words(text, item_scores, offsets), float(deltas[rows].sum()), n_steps))  # fmt: skip
+    return out
 
 
 def pooling_weights(window_logits: np.ndarray, pooling: str) -> np.ndarray:

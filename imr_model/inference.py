@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from imr_model.attribution import DEFAULT_STEPS, OUTCOME, Attribution, attribute, check_target
+from imr_model.attribution import DEFAULT_STEPS, OUTCOME, Attribution, attribute_many, check_target
 from imr_model.letters import LETTER_SUFFIXES, parse_file, parse_text
 from imr_model.types import Letter, LetterError
 
@@ -113,10 +113,8 @@ class Predictor:
         with self._lock:
             p, g = self.classifier.predict_proba(texts, batch_size=batch_size, forward=self.forward)
             outcomes, label_sets = self.classifier.decide(p, g)
-            attrs = [
-                attribute(self.classifier, t, target=target, n_steps=n_steps, text_view=self.text_view) if attributions else None
-                for t in texts
-            ]
+            attrs = (attribute_many(self.classifier, texts, target=target, n_steps=n_steps, text_view=self.text_view)
+                     if attributions else [None] * len(texts))  # fmt: skip
         names = self.classifier.label_names
         return [
             ItemPrediction(

@@ -139,3 +139,18 @@ def test_completeness_with_sentence_windows(tmp_path, pooling):
     if pooling == "last":  # only the last sentence is attributed
         last_start = text.rindex(TEXTS[-1])
         assert all(w.start >= last_start for w in scored)
+
+
+def test_attribute_many_equals_one_at_a_time(tmp_path):
+    """Batching items into shared passes changes nothing but speed (rows are independent)."""
+    from imr_model.attribution import attribute_many
+
+    clf = IMRClassifier.from_pretrained(tiny_model(tmp_path / "m", seed=3, pooling="max", window_unit="sentences"))
+    texts = [TEXTS[0], " ".join(TEXTS), TEXTS[2] + " " + TEXTS[1]]
+    many = attribute_many(clf, texts, n_steps=16, batch_tokens=600)  # small budget: several groups
+    for text, got in zip(texts, many):
+        one = attribute(clf, text, n_steps=16)
+        assert [w.word for w in got.words] == [w.word for w in one.words]
+        assert np.allclose([w.score for w in got.words], [w.score for w in one.words], atol=1e-5)
+        assert got.delta == pytest.approx(one.delta, abs=1e-5)
+    assert attribute_many(clf, [], n_steps=16) == []
