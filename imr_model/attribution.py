@@ -146,7 +146,7 @@ def attribute_many(
         weights[rows] = pooling_weights(window_logits[rows], pooling)
     chosen = np.flatnonzero(weights > 0)
     chosen = chosen[np.argsort(lengths[chosen], kind="stable")]  # similar lengths share a forward pass
-    scores = {int(r): None for r in chosen}
+    scores = np.zeros(tuple(windows.input_ids.shape), dtype=np.float64)  # (W, T); unattributed windows stay 0
     deltas = np.zeros(len(windows), dtype=np.float64)
     pad = classifier.tokenizer.pad_token_id or 0
     lig = LayerIntegratedGradients(target_logit, net.get_input_embeddings())
@@ -166,20 +166,15 @@ def attribute_many(
                                          return_convergence_delta=True)  # fmt: skip
         token_scores = attrs.sum(dim=-1).detach().float().cpu().numpy()
         token_scores[~mask.cpu().numpy().astype(bool)] = 0.0
-        for k, row in enumerate(group):
-            scores[int(row)] = token_scores[k] * weights[row]
-            deltas[row] = float(delta[k]) * weights[row]
+        scores[group, :width] = token_scores * weights[group, None]
+        deltas[group] = delta.detach().double().cpu().numpy() * weights[group]
         start += len(group)
     out = []
     for item, text in enumerate(texts):
-        rows = [r for r in np.flatnonzero(owners == item) if weights[r] > 0]
-        width = max(len(scores[r]) for r in rows)
-        item_scores = np.zeros((len(rows), width))
-        for k, r in enumerate(rows):
-            item_scores[k, : len(scores[r])] = scores[r]
-        offsets = windows.offsets[rows, :width].numpy()
+        rows = np.flatnonzero((owners == item) & (weights > 0))
         out.append(Attribution(target, text_view or classifier.config.text_view, text,
-                               merge_words(text, item_scores, offsets), float(deltas[rows].sum()), n_steps))  # fmt: skip
+                               merge_words(text, scores[rows], windows.offsets[rows].numpy()), float(deltas[rows].sum()),
+                               n_steps))  # fmt: skip
     return out
 
 
