@@ -144,7 +144,8 @@ def score(
     output: Annotated[Path, typer.Option("-o", "--output", help="OUT.jsonl, OUT.csv or OUT.parquet; rerun to resume.")],
     model: Annotated[Optional[str], typer.Option(help=_MODEL_HELP)] = None,
     attributions: Annotated[bool, typer.Option("--attributions", help="Add word attributions of the outcome logit.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Items per model batch (also the unit of atomic writes).")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass; letters are scored and written atomically "
+                                                 "in chunks of about 4x this many items.")] = 32,
     backend: Annotated[str, typer.Option(help="torch | onnx (int8 ONNX Runtime).")] = "torch",
     engine: Annotated[str, typer.Option(help="local | spark (mlflow.pyfunc.spark_udf; needs an MLflow model URI).")] = "local",
     n_steps: Annotated[int, typer.Option(help="Integration steps for --attributions.")] = 32,

@@ -288,14 +288,21 @@ class IMRClassifier:
     def forward_windows(
         self, windows: Windows, batch_size: int = 32, forward: ForwardFn | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw logits per window, (W,) and (W, L). Batches are length-sorted and trimmed (dynamic padding)."""
+        """Raw logits per window, (W,) and (W, L).
+
+        Identical windows (the boilerplate sentences letters repeat: 23% of the sentence windows of the
+        shared letters' rationales) are run once. Batches are length-sorted and trimmed (dynamic padding).
+        """
         n, n_labels = len(windows), len(self.label_names)
-        out_o = np.zeros(n, dtype=np.float32)
-        out_g = np.zeros((n, n_labels), dtype=np.float32)
         lengths = windows.attention_mask.sum(dim=1)
-        order = torch.argsort(lengths, descending=True, stable=True)
+        unique, inverse = _unique_windows(windows.input_ids, lengths)
+        out_o = np.zeros(len(unique), dtype=np.float32)
+        out_g = np.zeros((len(unique), n_labels), dtype=np.float32)
+        order = unique[torch.argsort(lengths[unique], descending=True, stable=True)]
+        slot = torch.empty(n, dtype=torch.long)
+        slot[unique] = torch.arange(len(unique))
         self.net.eval()
-        for start in range(0, n, max(1, batch_size)):
+        for start in range(0, len(order), max(1, batch_size)):
             idx = order[start : start + batch_size]
             width = max(1, int(lengths[idx].max()))
             ids, mask = windows.input_ids[idx, :width], windows.attention_mask[idx, :width]
@@ -305,9 +312,10 @@ class IMRClassifier:
                 o, g = o.float().cpu().numpy(), g.float().cpu().numpy()
             else:
                 o, g = forward(ids.numpy(), mask.numpy())
-            out_o[idx.numpy()] = np.asarray(o, dtype=np.float32).reshape(-1)
-            out_g[idx.numpy()] = np.asarray(g, dtype=np.float32).reshape(len(idx), n_labels)
-        return out_o, out_g
+            rows = slot[idx].numpy()
+            out_o[rows] = np.asarray(o, dtype=np.float32).reshape(-1)
+            out_g[rows] = np.asarray(g, dtype=np.float32).reshape(len(idx), n_labels)
+        return out_o[inverse], out_g[inverse]
 
     def pool(
         self, outcome_logits: np.ndarray, guideline_logits: np.ndarray, item_ids: np.ndarray, n_items: int
@@ -346,6 +354,20 @@ class IMRClassifier:
         chosen = np.asarray(guideline_probs) >= self.guideline_thresholds[None, :]
         labels = [[name for name, on in zip(self.label_names, row) if on] for row in chosen]
         return outcomes, labels
+
+
+def _unique_windows(input_ids: Tensor, lengths: Tensor) -> tuple[Tensor, np.ndarray]:
+    """(indices of the first occurrence of each distinct window, position of every window among them)."""
+    first: dict[bytes, int] = {}
+    inverse = np.empty(len(lengths), dtype=np.int64)
+    keep: list[int] = []
+    ids = input_ids.numpy()
+    for i, n in enumerate(lengths.tolist()):
+        j = first.setdefault(ids[i, :n].tobytes(), len(keep))
+        if j == len(keep):
+            keep.append(i)
+        inverse[i] = j
+    return torch.tensor(keep, dtype=torch.long), inverse
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:

@@ -73,16 +73,24 @@ def score(
     backend: str = "torch",
     progress: bool = True,
     checkpoint_rows: int = 2048,
+    chunk_items: int | None = None,
 ) -> ScoreSummary:
     """Score every letter in `inputs` into `output` (.jsonl/.csv/.parquet), resuming a previous run.
 
-    JSONL/CSV rows are durable after every chunk; Parquet rows every `checkpoint_rows` rows.
+    Letters are scored and written in chunks of whole letters holding at least `chunk_items` items
+    (default 4 × `batch_size`); `batch_size` is the number of windows per forward pass. Bigger chunks
+    pad less (windows are length-sorted within a chunk) and share more repeated sentences, which are
+    run once per chunk. JSONL/CSV rows are durable after every chunk; Parquet rows every
+    `checkpoint_rows` rows.
     """
     from imr_model.inference import load_model
     from imr_model.progress import progress_bar
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunk_items = 4 * batch_size if chunk_items is None else chunk_items
+    if chunk_items < 1:
+        raise ValueError(f"chunk_items must be >= 1, got {chunk_items}")
     output_format(output)  # a bad output name fails before the model is loaded
     predictor = load_model(model, backend=backend)
     run_info = {"model": predictor.identity()}
@@ -98,7 +106,7 @@ def score(
             bar.advance()
 
         units = _prefetch(iter_units(letter_paths, tables, skip=writer.done, on_skip=skipped))
-        for chunk in chunked(units, batch_size):
+        for chunk in chunked(units, chunk_items):
             rows = score_units(predictor, chunk, attributions=attributions, target=target, n_steps=n_steps, batch_size=batch_size)
             writer.write([u.key for u in chunk], rows)
             summary.letters += sum(1 for u in chunk if u.error is None)
@@ -140,14 +148,14 @@ def error_row(source: str, letter_id: str, message: str, with_attributions: bool
     return row
 
 
-def chunked(units: Iterable[Unit], batch_size: int) -> Iterator[list[Unit]]:
-    """Whole letters per chunk, closed once it holds >= batch_size items (deterministic from its first letter)."""
+def chunked(units: Iterable[Unit], chunk_items: int) -> Iterator[list[Unit]]:
+    """Whole letters per chunk, closed once it holds >= chunk_items items (deterministic from its first letter)."""
     chunk: list[Unit] = []
     n_items = 0
     for u in units:
         chunk.append(u)
         n_items += len(u.records)
-        if n_items >= batch_size:
+        if n_items >= chunk_items:
             yield chunk
             chunk, n_items = [], 0
     if chunk:

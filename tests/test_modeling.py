@@ -97,6 +97,31 @@ def test_forward_hook_replaces_torch_forward(tiny_classifier):
     assert np.allclose(ref[0], got[0], atol=1e-6) and np.allclose(ref[1], got[1], atol=1e-6)
 
 
+def test_repeated_windows_run_once_and_keep_their_logits(tiny_classifier):
+    """A sentence shared by several items is forwarded once; every item still gets its own logits."""
+    shared = "The request for physical therapy is not medically necessary per the cited guideline."
+    texts = [f"Patient one has chronic low back pain since last year. {shared}",
+             f"{shared} Patient two reports neck pain after a fall at work.", shared]  # fmt: skip
+    unit, tiny_classifier.config.window_unit = tiny_classifier.config.window_unit, "sentences"
+    try:
+        windows = tiny_classifier.make_windows(texts)
+        seen = []
+
+        def forward(ids: np.ndarray, mask: np.ndarray):
+            seen.extend(tuple(row[m > 0].tolist()) for row, m in zip(ids, mask))
+            with torch.inference_mode():
+                o, g = tiny_classifier.net(torch.from_numpy(ids), torch.from_numpy(mask))
+            return o.numpy(), g.numpy()
+
+        o, g = tiny_classifier.forward_windows(windows, batch_size=2, forward=forward)
+        assert len(windows) == 5 and len(seen) == 3 == len(set(seen))  # 5 windows, 3 distinct sentences
+        with torch.inference_mode():
+            ref_o, ref_g = tiny_classifier.net(windows.input_ids, windows.attention_mask)
+        assert np.allclose(o, ref_o.numpy(), atol=1e-4) and np.allclose(g, ref_g.numpy(), atol=1e-4)
+    finally:
+        tiny_classifier.config.window_unit = unit
+
+
 def test_save_and_load_roundtrip(tiny_classifier, tmp_path):
     clf = IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer,
                         temperature=1.5, outcome_threshold=0.3,
