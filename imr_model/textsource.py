@@ -11,7 +11,9 @@ Every failure raises `LetterError` naming the file and what was wrong, never quo
 
 from __future__ import annotations
 
+import ctypes
 import re
+import threading
 from pathlib import Path
 
 from imr_model.types import LetterError
@@ -70,55 +72,75 @@ def _binary_ratio(chunk: bytes) -> float:
     return control / len(chunk)
 
 
+# FPDF_GetLastError codes → what to tell the user (fpdfview.h).
+_PDF_ERRORS = {
+    2: "file not found or could not be opened",
+    3: "not a readable PDF (corrupt or truncated)",
+    4: "PDF is encrypted (password required); decrypt it first",
+    5: "PDF uses an unsupported security handler",
+    6: "PDF page not found or content error",
+}
+# PDFium is not thread-safe: calls from several threads (a server's worker pool) must not overlap.
+_PDFIUM_LOCK = threading.Lock()
+
+
 def pdf_text(path: Path) -> str:
-    """Extract text from every page of a PDF, with blank lines at paragraph gaps and \\f between pages."""
-    import pypdfium2 as pdfium
+    """Extract text from every page of a PDF, with blank lines at paragraph gaps and \\f between pages.
+
+    Uses PDFium's C API (`pypdfium2.raw`) directly: the object wrappers of `pypdfium2`'s helpers
+    (finalizers, range checks) cost ~0.6 ms per letter, a tenth of the whole parse.
+    """
+    import pypdfium2.raw as pdfium_c
 
     src = str(path)
-    try:
-        doc = pdfium.PdfDocument(str(path))
-    except pdfium.PdfiumError as exc:
-        msg = str(exc).lower()
-        if "password" in msg:
-            raise LetterError(src, "PDF is encrypted (password required); decrypt it first") from None
-        raise LetterError(src, f"not a readable PDF (corrupt or truncated): {exc}") from None
-    try:
-        pages = []
-        for index in range(len(doc)):
-            page = doc[index]
-            try:
-                pages.append(_page_text(page))
-            finally:
-                page.close()
-    except pdfium.PdfiumError as exc:
-        raise LetterError(src, f"PDF page could not be read (corrupt or truncated): {exc}") from None
-    finally:
-        doc.close()
+    with _PDFIUM_LOCK:
+        doc = pdfium_c.FPDF_LoadDocument(src.encode("utf-8"), None)
+        if not doc:
+            code = pdfium_c.FPDF_GetLastError()
+            raise LetterError(src, _PDF_ERRORS.get(code, f"not a readable PDF (PDFium error {code})"))
+        try:
+            pages = [_page_text(pdfium_c, doc, index, src) for index in range(pdfium_c.FPDF_GetPageCount(doc))]
+        finally:
+            pdfium_c.FPDF_CloseDocument(doc)
     if not any(p.strip() for p in pages):
         raise LetterError(src, f"PDF has no text layer ({len(pages)} page(s) of images?); it needs OCR first")
     return f"\n{FORM_FEED}\n".join(pages)
 
 
-def _page_text(page) -> str:
-    textpage = page.get_textpage()
+def _page_text(pdfium_c, doc, index: int, src: str) -> str:
+    page = pdfium_c.FPDF_LoadPage(doc, index)
+    if not page:
+        raise LetterError(src, f"PDF page {index + 1} could not be read (corrupt or truncated)")
+    textpage = pdfium_c.FPDFText_LoadPage(page)
     try:
-        raw = textpage.get_text_range()
+        if not textpage:
+            raise LetterError(src, f"PDF page {index + 1} has an unreadable text layer")
+        count = pdfium_c.FPDFText_CountChars(textpage)
+        if count <= 0:
+            return ""
+        # Room for generated characters PDFium may add beyond the char count, plus the NUL.
+        buffer = (ctypes.c_ushort * (2 * count + 2))()
+        written = pdfium_c.FPDFText_GetText(textpage, 0, count, buffer)
+        raw = ctypes.string_at(buffer, max(written - 1, 0) * 2).decode("utf-16-le", errors="ignore")
         if not raw.strip():
             return ""
         lines = raw.replace("\r\n", "\n").split("\n")
-        if textpage.count_chars() != len(raw):
-            return "\n".join(lines)  # index mapping unreliable; fall back to plain lines
+        if written - 1 != count:
+            return "\n".join(lines)  # char/text index mapping unreliable; fall back to plain lines
+        rect = pdfium_c.FS_RECTF()
         tops: list[float | None] = []
         pos = 0
         for line in lines:
-            if line.strip():
-                first = pos + (len(line) - len(line.lstrip()))
-                tops.append(textpage.get_charbox(first, loose=True)[3])
+            stripped = line.lstrip()
+            if stripped and pdfium_c.FPDFText_GetLooseCharBox(textpage, pos + len(line) - len(stripped), rect):
+                tops.append(rect.top)
             else:
                 tops.append(None)
             pos += len(line) + 2  # PDFium emits \r\n between lines
     finally:
-        textpage.close()
+        if textpage:
+            pdfium_c.FPDFText_ClosePage(textpage)
+        pdfium_c.FPDF_ClosePage(page)
     return _insert_paragraph_breaks(lines, tops)
 
 
@@ -199,7 +221,7 @@ def _drop_page_furniture(lines: list[str]) -> list[str]:
             if out and out[-1] == PAGE_BREAK and not ln.strip():
                 continue
             s = ln.strip()
-            if s in repeated or _PAGE_NUMBER.match(s) and s:
+            if s in repeated or (s and len(s) <= 40 and _PAGE_NUMBER.match(s)):  # page numbers are short
                 continue
             out.append(ln)
     return out
