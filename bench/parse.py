@@ -54,25 +54,15 @@ def _bare_pypdfium2(path: Path) -> int:
     return n
 
 
-def bench_bare(paths: list[Path], workers: int) -> float:
+def bench_each(fn, paths: list[Path], workers: int) -> float:
+    """Seconds to run `fn` on every path, in this process or a pool of `workers`."""
     start = time.perf_counter()
     if workers <= 1:
         for p in paths:
-            _bare_pypdfium2(p)
+            fn(p)
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(_bare_pypdfium2, paths, chunksize=8))
-    return time.perf_counter() - start
-
-
-def bench_pdftotext(paths: list[Path], workers: int) -> float:
-    start = time.perf_counter()
-    if workers <= 1:
-        for p in paths:
-            _pdftotext(p)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(_pdftotext, paths, chunksize=8))
+            list(pool.map(fn, paths, chunksize=8))
     return time.perf_counter() - start
 
 
@@ -94,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         imr, ref, bare = [], [], []
         for _ in range(args.repeat):  # interleaved, so a slow spell of the machine hits all three
             imr.append(bench_imr(paths, workers))
-            ref.append(bench_pdftotext(paths, workers))
-            bare.append(bench_bare(paths, workers))
+            ref.append(bench_each(_pdftotext, paths, workers))
+            bare.append(bench_each(_bare_pypdfium2, paths, workers))
         t_imr, items, errors = min(imr, key=lambda r: r[0])
         t_ref, t_bare = min(ref), min(bare)
         print(f"[{label}] {n} letters, {items} items, {errors} errors")

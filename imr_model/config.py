@@ -52,10 +52,12 @@ class ModelConfig(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     freeze_layers: int = Field(0, ge=0)  # embeddings + this many lower encoder layers get no updates
     freeze_embeddings: bool = False  # token/position embeddings get no updates (saves ~half the optimizer work)
+    guideline_cues: bool = False  # add a linear term on citation cues (imr_model/cues.py) to the guideline logits
     # Filled in when a model is built or trained; empty in YAML files.
     label_names: list[str] = Field(default_factory=list)  # guideline head order (taxonomy order)
     outcome_labels: list[str] = Field(default_factory=lambda: ["Upheld", "Overturned"])
     encoder_config: dict[str, Any] = Field(default_factory=dict)  # resolved transformers config
+    cue_names: list[str] = Field(default_factory=list)  # the citation cues the guideline head was built with
     version: str = ""
     data_digest: str = ""
     package_version: str = ""
@@ -78,7 +80,7 @@ class ModelConfig(_Section):
 class TrainSection(_Section):
     """Optimisation of the transformer."""
 
-    epochs: int = Field(6, ge=1)
+    epochs: int = Field(6, ge=0)  # 0: no fine-tuning; the heads are fit on the pretrained encoder's vectors
     batch_size: int = Field(8, ge=1)  # items per step (their windows are stacked)
     learning_rate: float = Field(5e-5, gt=0)  # encoder
     head_learning_rate: float = Field(1e-3, gt=0)  # the outcome head starts from scratch
@@ -95,6 +97,10 @@ class TrainSection(_Section):
     threshold_rule: Literal["half_max_f1", "best_f1"] = "half_max_f1"  # see calibration.half_max_f1_threshold
     head_epochs: int = Field(0, ge=0)  # extra guideline-head epochs on the frozen encoder (cached window vectors)
     head_patience: int = Field(5, ge=0)
+    # finetune: the outcome head is what fine-tuning left; logistic: refit as an L2 logistic regression on the
+    # pooled window vectors with C from outcome_head_Cs by grouped CV (training.refit_outcome_head)
+    outcome_head: Literal["finetune", "logistic"] = "finetune"
+    outcome_head_Cs: list[float] = Field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0], min_length=1)
     max_windows_per_step: int = Field(16, ge=1)  # larger batches are split (gradient accumulation): bounds memory
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = leave torch's default
 
@@ -160,9 +166,19 @@ class TrainConfig(_Section):
     pretrain: PretrainSection = Field(default_factory=PretrainSection)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
 
+    @model_validator(mode="after")
+    def _check_heads(self) -> "TrainConfig":
+        if self.train.outcome_head == "logistic" and self.model.pooling not in ("mean", "last"):
+            raise ValueError(f"train.outcome_head: logistic needs model.pooling mean or last (a linear pooling), "
+                             f"got {self.model.pooling!r}")  # fmt: skip
+        if self.train.epochs == 0 and self.train.outcome_head != "logistic":
+            raise ValueError("train.epochs: 0 (no fine-tuning) leaves the outcome head untrained; "
+                             "set train.outcome_head: logistic")  # fmt: skip
+        return self
+
     def flat(self) -> dict[str, Any]:
         """Dotted-key view for MLflow params (`train.epochs` → 6); never holds letter text."""
-        return flatten(self.model_dump(exclude={"model": {"label_names", "encoder_config"}}))
+        return flatten(self.model_dump(exclude={"model": {"label_names", "encoder_config", "cue_names"}}))
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -62,6 +62,7 @@ def records_to_split(records: Sequence[dict], view: str, label_names: Sequence[s
         texts=[text_view(r, view) for r in records],
         y=np.array([int(r.get("decision") == OVERTURNED) for r in records]),
         Y=label_matrix(records, label_names),
+        groups=[str(r.get("letter_id") or i) for i, r in enumerate(records)],
     )
 
 

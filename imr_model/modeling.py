@@ -62,7 +62,7 @@ class IMRNet(nn.Module):
     per-label attention (CAML-style) did worse on the shared letters.
     """
 
-    def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1):
+    def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1, n_cues: int = 0):
         super().__init__()
         self.encoder = encoder
         hidden = int(encoder.config.hidden_size)
@@ -72,6 +72,10 @@ class IMRNet(nn.Module):
         nn.init.zeros_(self.outcome_attention.bias)
         self.outcome_head = nn.Linear(hidden, 1)
         self.guideline_head = nn.Linear(hidden, n_labels)
+        # Item-level linear term on citation cues (imr_model/cues.py), added after pooling; zero at the start.
+        self.guideline_cues = nn.Linear(n_cues, n_labels, bias=False) if n_cues else None
+        if self.guideline_cues is not None:
+            nn.init.zeros_(self.guideline_cues.weight)
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """(W, T) token windows → attention-pooled (W, H) for the outcome, mean-pooled (W, H) for guidelines."""
@@ -220,11 +224,14 @@ class IMRClassifier:
         """A new, untrained classifier on the configured backbone."""
         if not label_names:
             raise ValueError("label_names is empty; the guideline head needs at least one label")
+        from imr_model.cues import cue_names
+
         encoder, tokenizer = build_encoder(config)
+        cues = cue_names() if config.guideline_cues else []
         config = config.model_copy(
-            update={"label_names": list(label_names), "encoder_config": encoder.config.to_dict()}
+            update={"label_names": list(label_names), "encoder_config": encoder.config.to_dict(), "cue_names": cues}
         )
-        return cls(config, IMRNet(encoder, len(label_names), config.dropout), tokenizer, device=device)
+        return cls(config, IMRNet(encoder, len(label_names), config.dropout, len(cues)), tokenizer, device=device)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "IMRClassifier":
@@ -241,7 +248,14 @@ class IMRClassifier:
             raise ValueError(f"{path} holds an IMR model in directory format {version}; this imr-model reads format "
                              f"{FORMAT_VERSION}. Retrain it with `imr train` (or load it with the release that wrote it).")
         config = ModelConfig.model_validate(raw)
-        net = IMRNet(_encoder_from_config(config.encoder_config), len(config.label_names), config.dropout)
+        if config.cue_names:
+            from imr_model.cues import cue_names
+
+            if config.cue_names != cue_names():
+                raise ValueError(f"{path} was trained with citation cues that differ from this imr-model's "
+                                 "(imr_model/resources/cues.yaml changed). Retrain it with `imr train`.")  # fmt: skip
+        net = IMRNet(_encoder_from_config(config.encoder_config), len(config.label_names), config.dropout,
+                     len(config.cue_names))  # fmt: skip
         net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         calibration = _read_json(path / CALIBRATION_FILE) or {}
@@ -334,7 +348,20 @@ class IMRClassifier:
         texts = _check_texts(texts)
         windows = self.make_windows(texts)
         o, g = self.forward_windows(windows, batch_size=batch_size, forward=forward)
-        return self.pool(o, g, windows.item_ids.numpy(), len(texts))
+        o, g = self.pool(o, g, windows.item_ids.numpy(), len(texts))
+        return o, g + self.cue_logits(texts)
+
+    def cue_logits(self, texts: Sequence[str]) -> np.ndarray:
+        """The guideline logits' item-level term on citation cues, (N, L); zeros without cues.
+
+        Both backends add it here, after pooling; attributions explain the pooled window part only.
+        """
+        head = self.net.guideline_cues
+        if head is None:
+            return np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
+        from imr_model.cues import cue_matrix
+
+        return cue_matrix(texts) @ head.weight.detach().cpu().numpy().T
 
     def predict_proba(
         self, texts: Sequence[str], batch_size: int = 32, forward: ForwardFn | None = None

@@ -185,3 +185,43 @@ def test_sentence_windows_keep_offsets_into_the_text(tiny_classifier):
     assert checked >= len(text.split())
     last = w.offsets[2][w.attention_mask[2].bool()]
     assert int(last[last[:, 1] > 0][:, 0].min()) == text.index("Ok. It is medically")
+
+
+def test_citation_cue_term_is_added_saved_and_checked(tiny_classifier, tmp_path):
+    """guideline_cues: item logits gain cues @ W.T (both backends share it); W survives a save; other cues refuse to load."""
+    from imr_model.cues import cue_matrix, cue_names
+
+    assert tiny_classifier.config.guideline_cues and tiny_classifier.config.cue_names == cue_names()
+    texts = ["Per ACOEM, an MRI of the lumbar spine is not indicated.", "ODG recommends against this drug."]
+    before = tiny_classifier.predict_logits(texts)[1]
+    head = tiny_classifier.net.guideline_cues
+    saved = head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            head.weight.copy_(torch.linspace(-1, 1, head.weight.numel()).view_as(head.weight))
+        after = tiny_classifier.predict_logits(texts)[1]
+        assert np.allclose(after - before, cue_matrix(texts) @ head.weight.detach().numpy().T, atol=1e-5)
+        tiny_classifier.save_pretrained(tmp_path)
+        loaded = IMRClassifier.from_pretrained(tmp_path)
+        assert np.allclose(loaded.predict_logits(texts)[1], after, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            head.weight.copy_(saved)
+    record = json.loads((tmp_path / CONFIG_FILE).read_text())
+    record["cue_names"] = record["cue_names"][:-1] + ["mention:something_else"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="citation cues that differ.*Retrain"):
+        IMRClassifier.from_pretrained(tmp_path)
+
+
+def test_cue_features_fire_on_what_they_name():
+    from imr_model.cues import cue_matrix, cue_names
+
+    names = cue_names()
+    rows = cue_matrix(["Per ACOEM, an MRI of the lumbar spine is not indicated.",
+                       "The Official Disability Guidelines do not support it for the knee.", ""])  # fmt: skip
+    on = [{names[j] for j in np.flatnonzero(r)} for r in rows]
+    assert {"mention:acoem", "body:low_back", "acoem_x:low_back"} <= on[0] and "mention:odg" not in on[0]
+    assert {"mention:odg", "body:knee", "odg_not_mtus", "mention:guideline"} <= on[1] and "acoem_x:knee" not in on[1]
+    assert on[2] == {"no_source", "short_text"}
+    assert len(names) == len(set(names)) == rows.shape[1]

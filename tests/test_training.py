@@ -20,6 +20,7 @@ from imr_model.experiment import (
 from imr_model.training import (
     Split,
     _micro_batches,
+    refit_outcome_head,
     freeze_lower_layers,
     length_batches,
     resolve_pos_weight,
@@ -105,6 +106,58 @@ def test_train_classifier_is_reproducible_and_calibrated(tiny_config, demo_recor
     assert clf_a.temperature > 0 and 0 < clf_a.outcome_threshold < 1
     assert clf_a.guideline_thresholds.shape == (len(label_names),)
     assert clf_a.metrics["best_epoch"] in (1, 2)
+
+
+def _planted_split(n_letters: int, label_names, seed: int) -> Split:
+    """Overturned items mention a planted drug name in one of their sentences; items come two per letter."""
+    rng = np.random.default_rng(seed)
+    filler = ["The injured worker reports pain in the lower back.", "Physical therapy was completed last year.",
+              "Medication helps with sleep and daily activity.", "The treating physician requests a follow-up visit."]  # fmt: skip
+    texts, y, groups = [], [], []
+    for letter in range(n_letters):
+        for _ in range(2):
+            label = int(rng.random() < 0.3)
+            sentences = list(rng.choice(filler, size=3, replace=False))
+            if label:
+                sentences.insert(int(rng.integers(0, 3)), "Zolvaxin improved function markedly.")
+            texts.append(" ".join(sentences))
+            y.append(label)
+            groups.append(f"L{letter}")
+    return Split(texts, y, np.zeros((len(texts), len(label_names))), groups=groups)
+
+
+def test_logistic_outcome_head_is_the_regression_on_pooled_vectors(tiny_config, label_names):
+    """train.outcome_head=logistic: the head's logit is the fitted regression, and it finds a planted word."""
+    from imr_model.modeling import IMRClassifier
+
+    torch.manual_seed(0)
+    model_cfg = tiny_config.model.model_copy(update={"pooling": "mean", "window_unit": "sentences"})
+    cfg = tiny_config.model_copy(update={"model": model_cfg})
+    clf = IMRClassifier.build(model_cfg, label_names)
+    train, test = _planted_split(30, label_names, 0), _planted_split(15, label_names, 1)
+    info = refit_outcome_head(clf, clf.make_windows(train.texts), train, cfg)
+    assert info["C"] in cfg.train.outcome_head_Cs and info["folds"] == 5
+    # Independently: mean of each item's attention-pooled window vectors, through the head's weights.
+    windows = clf.make_windows(test.texts)
+    with torch.no_grad():
+        attended, _ = clf.net.encode(windows.input_ids, windows.attention_mask)
+    ids = windows.item_ids.numpy()
+    X = np.stack([attended[ids == i].mean(dim=0).numpy() for i in range(len(test))])
+    expected = X @ clf.net.outcome_head.weight.detach().numpy()[0] + float(clf.net.outcome_head.bias.detach())
+    logits, _ = clf.predict_logits(test.texts)
+    assert np.allclose(logits, expected, atol=1e-3)
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(test.y, logits) > 0.9  # the planted word separates unseen items
+
+
+def test_head_config_errors():
+    from imr_model.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="pooling mean or last"):
+        load_config("tiny", ["train.outcome_head=logistic", "model.pooling=max"])
+    with pytest.raises(ConfigError, match="outcome_head: logistic"):
+        load_config("tiny", ["train.epochs=0"])
 
 
 def test_train_classifier_input_errors(tiny_config, label_names):
