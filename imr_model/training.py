@@ -314,7 +314,10 @@ def refit_outcome_head(clf: IMRClassifier, windows: Windows, split: Split, cfg: 
         vectors = _window_vectors(clf, windows, cfg.train.eval_batch_size)[0]
     X = pool_logits(vectors.double(), windows.item_ids, len(split), mode).numpy()  # pooling is linear: pool vectors
     y = split.y
-    mu, sd = X.mean(axis=0), X.std(axis=0) + 1e-6
+    # A near-constant dimension (MiniLM has one) would get a weight of coef / ~0 and amplify any noise
+    # in it, e.g. int8 rounding in the ONNX path: scales are floored at a tenth of the median one.
+    mu, sd = X.mean(axis=0), X.std(axis=0)
+    sd = np.maximum(sd, 0.1 * float(np.median(sd)) + 1e-12)
     Z = (X - mu) / sd
     groups = np.asarray(split.groups if split.groups is not None else np.arange(len(y)))
     k = min(5, len(set(groups.tolist())), int(y.sum()), int(len(y) - y.sum()))

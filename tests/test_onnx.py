@@ -72,3 +72,17 @@ def test_onnx_backend_through_predict_and_score(setup, tmp_path):
     summary = score([table], tmp_path / "out.jsonl", model=str(model_dir), backend="onnx", progress=False)
     assert summary.items == 6 and summary.errors == 0
     inference.clear_cache()
+
+
+def test_int8_guard_falls_back_to_fp32_when_int8_moves_probabilities(setup):
+    """load_model(backend="onnx") checks int8 against PyTorch once per model and keeps fp32 if it drifts."""
+    import json
+
+    from imr_model.onnx_backend import CHECK_FILE, onnx_forward
+
+    model_dir, clf, _, _ = setup
+    strict = onnx_forward(clf, model_dir, max_dp=0.0)  # any int8 change is too much
+    lax = onnx_forward(clf, model_dir, max_dp=1.0)
+    check = json.loads((cache_dir(model_dir) / CHECK_FILE).read_text())
+    assert check["n"] > 0 and check["max_abs_dp"] > 0 and check["onnx_file"] == INT8_FILE
+    assert strict.path.name == FP32_FILE and lax.path.name == INT8_FILE
