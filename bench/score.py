@@ -9,7 +9,8 @@ Phases run one after another, each in its own subprocess so its peak RSS is its 
 * ``torch`` / ``onnx``: `imr score` end to end (PDF parsing included) on the letters, model loaded and
   ONNX exported beforehand (not timed). Output rows go to a temporary JSONL file.
 * ``attr``: ms per item with and without attributions (`n_steps`=32, torch) on the first items.
-* ``agree``: max |Δp| and ΔAUROC of the ONNX int8 path against PyTorch. "Held-out" means the test
+* ``agree``: max |Δp| and ΔAUROC of the ONNX path against PyTorch (int8, or fp32 where the int8
+  check of `onnx_backend.onnx_forward` rejected int8; the report names the file). "Held-out" means the test
   split of the model's training data when `dataset_digest` proves the split could be rebuilt from
   these letters; otherwise all letters are used and the report says so.
 
@@ -122,7 +123,8 @@ def phase_agree(args) -> dict:
     records, which = heldout(parsed_items(args.letters), torch_model.classifier, args)
     texts = torch_model.item_texts(records)
     y = [int(r["decision"] == "Overturned") for r in records]
-    return {"on": which, **compare(torch_model.classifier, onnx_model.forward, texts, y, batch_size=args.batch_size)}
+    return {"on": which, "onnx_file": onnx_model.forward.path.name,
+            **compare(torch_model.classifier, onnx_model.forward, texts, y, batch_size=args.batch_size)}  # fmt: skip
 
 
 def phase_export(args) -> dict:
@@ -228,7 +230,7 @@ def report(r: dict) -> None:
     if "agree" in r:
         g = r["agree"]
         auc = f", AUROC torch {g['auroc_torch']:.4f} onnx {g['auroc_onnx']:.4f} (Δ {g['delta_auroc']:+.4f})" if "delta_auroc" in g else ""
-        print(f"onnx int8 vs torch on {g['on']}: n={g['n']}, max|Δp| {g['max_abs_dp_outcome']:.4f}, "
+        print(f"onnx ({g.get('onnx_file', '?')}) vs torch on {g['on']}: n={g['n']}, max|Δp| {g['max_abs_dp_outcome']:.4f}, "
               f"outcome agreement {g['outcome_agreement']:.3f}{auc}")  # fmt: skip
 
 
