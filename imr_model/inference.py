@@ -146,6 +146,7 @@ class Predictor:
             "pooling": cfg.pooling,
             "guideline_pooling": cfg.guideline_pool,
             "window_unit": cfg.window_unit,
+            "citation_cues": len(cfg.cue_names),  # 0 = the guideline head has no cue term
             "max_length": cfg.max_length,
             "stride": cfg.stride,
             "outcome_labels": list(cfg.outcome_labels),
