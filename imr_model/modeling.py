@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from imr_model.config import ModelConfig, hub_offline, resolve_backbone
+from imr_model.cues import cue_matrix, cue_names
 from imr_model.windows import Windows, make_windows  # noqa: F401 - Windows is part of this module's API
 
 CONFIG_FILE = "config.json"
@@ -224,8 +225,6 @@ class IMRClassifier:
         """A new, untrained classifier on the configured backbone."""
         if not label_names:
             raise ValueError("label_names is empty; the guideline head needs at least one label")
-        from imr_model.cues import cue_names
-
         encoder, tokenizer = build_encoder(config)
         cues = cue_names() if config.guideline_cues else []
         config = config.model_copy(
@@ -248,12 +247,9 @@ class IMRClassifier:
             raise ValueError(f"{path} holds an IMR model in directory format {version}; this imr-model reads format "
                              f"{FORMAT_VERSION}. Retrain it with `imr train` (or load it with the release that wrote it).")
         config = ModelConfig.model_validate(raw)
-        if config.cue_names:
-            from imr_model.cues import cue_names
-
-            if config.cue_names != cue_names():
-                raise ValueError(f"{path} was trained with citation cues that differ from this imr-model's "
-                                 "(imr_model/resources/cues.yaml changed). Retrain it with `imr train`.")  # fmt: skip
+        if config.cue_names and config.cue_names != cue_names():
+            raise ValueError(f"{path} was trained with citation cues that differ from this imr-model's "
+                             "(imr_model/resources/cues.yaml changed). Retrain it with `imr train`.")  # fmt: skip
         net = IMRNet(_encoder_from_config(config.encoder_config), len(config.label_names), config.dropout,
                      len(config.cue_names))  # fmt: skip
         net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
@@ -359,8 +355,6 @@ class IMRClassifier:
         head = self.net.guideline_cues
         if head is None:
             return np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
-        from imr_model.cues import cue_matrix
-
         return cue_matrix(texts) @ head.weight.detach().cpu().numpy().T
 
     def predict_proba(

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from imr_model.calibration import calibrate
 from imr_model.config import TrainConfig
 from imr_model.cues import cue_matrix
-from imr_model.calibration import calibrate
 from imr_model.metrics import guideline_metrics, outcome_metrics
 from imr_model.modeling import IMRClassifier, Windows, pool_logits
 from imr_model.progress import progress_bar
