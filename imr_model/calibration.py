@@ -100,7 +100,7 @@ def calibrate(clf, windows, val, batch_size: int = 32, rule: str = "half_max_f1"
     """
     from imr_model.training import item_logits
 
-    o, g = item_logits(clf, windows, len(val), batch_size, val.texts)
+    o, g = item_logits(clf, windows, val.texts, batch_size)
     clf.temperature = fit_temperature(o, val.y)
     p, P = clf.calibrate(o, g)
     clf.outcome_threshold = fit_threshold(val.y, p, rule)

@@ -58,6 +58,7 @@ class ModelConfig(_Section):
     outcome_labels: list[str] = Field(default_factory=lambda: ["Upheld", "Overturned"])
     encoder_config: dict[str, Any] = Field(default_factory=dict)  # resolved transformers config
     cue_names: list[str] = Field(default_factory=list)  # the citation cues the guideline head was built with
+    cue_version: int = 0  # version of resources/cues.yaml those cues came from
     version: str = ""
     data_digest: str = ""
     package_version: str = ""
@@ -178,7 +179,7 @@ class TrainConfig(_Section):
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view for MLflow params (`train.epochs` → 6); never holds letter text."""
-        return flatten(self.model_dump(exclude={"model": {"label_names", "encoder_config", "cue_names"}}))
+        return flatten(self.model_dump(exclude={"model": {"label_names", "encoder_config", "cue_names", "cue_version"}}))
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:

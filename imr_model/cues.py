@@ -13,7 +13,7 @@ the guideline head also gets a linear term on these cues (`ModelConfig.guideline
 
 Patterns are data (`resources/cues.yaml`, versioned). On the shared letters (grouped 5-fold CV,
 TF-IDF + logistic regression on the rationale) adding them moved guideline micro-F1 from .761 to
-.805. Models store the cue names they were trained with, and refuse to load against other cues.
+.805. Models store the cue names and version they were trained with, and refuse to load against other cues.
 """
 
 from __future__ import annotations
@@ -51,15 +51,13 @@ class Cues:
     def features(self, text: str) -> list[float]:
         m = {k: bool(p.search(text)) for k, p in self.mentions.items()}
         b = {k: bool(p.search(text)) for k, p in self.body_parts.items()}
-        acoem = m.get("acoem", False)
-        named = {k: v for k, v in m.items() if k != "guideline"}
+        acoem, odg, mtus = m.get("acoem", False), m.get("odg", False), m.get("mtus", False)
         found = set(guideline_labels(text))
         row = (
             list(m.values())
             + list(b.values())
             + [acoem and v for v in b.values()]
-            + [not any(named.values()) and not m.get("guideline", False), m.get("odg", False) and not m.get("mtus", False),
-               m.get("mtus", False) and not m.get("odg", False), len(text.strip()) < SHORT_TEXT_CHARS]  # fmt: skip
+            + [not any(m.values()), odg and not mtus, mtus and not odg, len(text.strip()) < SHORT_TEXT_CHARS]
             + [label in found for label in LABELS]
         )
         return [float(v) for v in row]
@@ -76,12 +74,17 @@ def load_cues() -> Cues:
 
 
 def cue_names() -> list[str]:
-    """Names of the cue columns, in order (what a model directory records)."""
+    """Names of the cue columns, in order (a model directory records them with `cue_version`)."""
     return load_cues().names
 
 
+def cue_version() -> int:
+    """Version of `resources/cues.yaml`: bumped whenever a pattern changes, even if no name does."""
+    return load_cues().version
+
+
 def cue_matrix(texts: Sequence[str]) -> np.ndarray:
-    """(N, C) float32 matrix of 0/1 cues for `texts`."""
+    """(N, C) float32 matrix of 0/1 cues for `texts` (columns: `Cues.names`)."""
     cues = load_cues()
     if not texts:
         return np.zeros((0, len(cues.names)), dtype=np.float32)

@@ -173,7 +173,7 @@ def resolve_model_uri(model: str | os.PathLike | None = None) -> str:
         return str(model)
     if os.environ.get(MODEL_ENV, "").strip():
         return os.environ[MODEL_ENV].strip()
-    tried = [f"argument model=None", f"${MODEL_ENV} unset"]
+    tried = ["argument model=None", f"${MODEL_ENV} unset"]
     if _registry_configured():
         try:
             _registry_version(CHAMPION_URI)

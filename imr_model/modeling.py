@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from imr_model.config import ModelConfig, hub_offline, resolve_backbone
-from imr_model.cues import cue_matrix, cue_names
+from imr_model.cues import cue_matrix, cue_names, cue_version
 from imr_model.windows import Windows, make_windows  # noqa: F401 - Windows is part of this module's API
 
 CONFIG_FILE = "config.json"
@@ -227,9 +227,8 @@ class IMRClassifier:
             raise ValueError("label_names is empty; the guideline head needs at least one label")
         encoder, tokenizer = build_encoder(config)
         cues = cue_names() if config.guideline_cues else []
-        config = config.model_copy(
-            update={"label_names": list(label_names), "encoder_config": encoder.config.to_dict(), "cue_names": cues}
-        )
+        config = config.model_copy(update={"label_names": list(label_names), "encoder_config": encoder.config.to_dict(),
+                                           "cue_names": cues, "cue_version": cue_version() if cues else 0})  # fmt: skip
         return cls(config, IMRNet(encoder, len(label_names), config.dropout, len(cues)), tokenizer, device=device)
 
     @classmethod
@@ -247,7 +246,7 @@ class IMRClassifier:
             raise ValueError(f"{path} holds an IMR model in directory format {version}; this imr-model reads format "
                              f"{FORMAT_VERSION}. Retrain it with `imr train` (or load it with the release that wrote it).")
         config = ModelConfig.model_validate(raw)
-        if config.cue_names and config.cue_names != cue_names():
+        if config.cue_names and (config.cue_names != cue_names() or config.cue_version != cue_version()):
             raise ValueError(f"{path} was trained with citation cues that differ from this imr-model's "
                              "(imr_model/resources/cues.yaml changed). Retrain it with `imr train`.")  # fmt: skip
         net = IMRNet(_encoder_from_config(config.encoder_config), len(config.label_names), config.dropout,
@@ -342,7 +341,12 @@ class IMRClassifier:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Uncalibrated item logits: outcome (N,) and guidelines (N, L)."""
         texts = _check_texts(texts)
-        windows = self.make_windows(texts)
+        return self.window_item_logits(self.make_windows(texts), texts, batch_size=batch_size, forward=forward)
+
+    def window_item_logits(
+        self, windows: Windows, texts: Sequence[str], batch_size: int = 32, forward: ForwardFn | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Uncalibrated item logits of `texts` from their already-made `windows` (pooled + cue term)."""
         o, g = self.forward_windows(windows, batch_size=batch_size, forward=forward)
         o, g = self.pool(o, g, windows.item_ids.numpy(), len(texts))
         return o, g + self.cue_logits(texts)

@@ -149,16 +149,13 @@ def _loss(o: torch.Tensor, g: torch.Tensor, y: torch.Tensor, Y: torch.Tensor, po
     return outcome + lam * nn.functional.binary_cross_entropy_with_logits(g, Y)
 
 
-def item_logits(clf: IMRClassifier, windows: Windows, n_items: int, batch_size: int,
-                texts: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Pooled, uncalibrated item logits for pre-tokenized windows (eval mode); `texts` add the cue term."""
-    o, g = clf.forward_windows(windows, batch_size=batch_size)
-    o, g = clf.pool(o, g, windows.item_ids.numpy(), n_items)
-    return o, (g if texts is None else g + clf.cue_logits(texts))
+def item_logits(clf: IMRClassifier, windows: Windows, texts: Sequence[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled, uncalibrated item logits (cue term included) for pre-tokenized windows (eval mode)."""
+    return clf.window_item_logits(windows, texts, batch_size=batch_size)
 
 
 def _validate(clf: IMRClassifier, windows: Windows, split: Split, cfg: TrainConfig, pos_weight: float) -> dict:
-    o, g = item_logits(clf, windows, len(split), cfg.train.eval_batch_size, split.texts)
+    o, g = item_logits(clf, windows, split.texts, cfg.train.eval_batch_size)
     o_t, y_t = torch.from_numpy(o), torch.from_numpy(split.y).float()
     loss = _loss(o_t, torch.from_numpy(g), y_t, torch.from_numpy(split.Y).float(), pos_weight,
                  cfg.train.guideline_loss_weight)  # fmt: skip
