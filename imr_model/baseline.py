@@ -48,7 +48,7 @@ class BaselineModel:
     temperature: float = 1.0
     outcome_threshold: float = 0.5
     guideline_thresholds: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    _counter: CountVectorizer | None = field(default=None, init=False, repr=False)
+    _tfidf: "TfidfFeatures | None" = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.guideline_thresholds.size == 0:
@@ -75,18 +75,16 @@ class BaselineModel:
                 f"{len(texts)} texts, {len(y_arr)} outcome labels and a guideline matrix of shape "
                 f"{Y_arr.shape} (expected ({len(texts)}, {len(label_names)}))"
             )
-        vec = TfidfVectorizer(**_analyzer_kwargs(settings), max_features=settings.max_features,
-                              min_df=settings.min_df, sublinear_tf=True)  # fmt: skip
-        vec.fit(list(texts))
-        vocab = [t for t, _ in sorted(vec.vocabulary_.items(), key=lambda kv: kv[1])]
+        tfidf = TfidfFeatures.fit(texts, max_features=settings.max_features, min_df=settings.min_df,
+                                  ngram_max=settings.ngram_max)  # fmt: skip
         model = cls(
             settings=settings,
             text_view=text_view,
-            vocabulary=vocab,
-            idf=vec.idf_.astype(np.float64),
-            outcome_coef=np.zeros(len(vocab)),
+            vocabulary=tfidf.vocabulary,
+            idf=tfidf.idf,
+            outcome_coef=np.zeros(len(tfidf)),
             outcome_intercept=0.0,
-            guideline_coef=np.zeros((len(label_names), len(vocab))),
+            guideline_coef=np.zeros((len(label_names), len(tfidf))),
             guideline_intercept=np.zeros(len(label_names)),
             label_names=list(label_names),
         )
@@ -99,17 +97,9 @@ class BaselineModel:
     # --------------------------------------------------------------------------- inference
     def features(self, texts: Sequence[str]) -> sparse.csr_matrix:
         """Sublinear-tf × idf, L2-normalised rows (what TfidfVectorizer(sublinear_tf=True) computes)."""
-        if isinstance(texts, str):
-            raise TypeError("texts must be a list of strings; wrap a single text in a list")
-        if self._counter is None:
-            self._counter = CountVectorizer(**_analyzer_kwargs(self.settings),
-                                            vocabulary={t: i for i, t in enumerate(self.vocabulary)})  # fmt: skip
-        counts = self._counter.transform(["" if t is None else t for t in texts]).astype(np.float64).tocsr()
-        counts.data = 1.0 + np.log(counts.data)
-        X = counts.multiply(self.idf[None, :]).tocsr()
-        norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
-        norms[norms == 0] = 1.0
-        return sparse.diags(1.0 / norms) @ X
+        if self._tfidf is None:
+            self._tfidf = TfidfFeatures(self.vocabulary, self.idf, self.settings.ngram_max)
+        return self._tfidf.transform(texts)
 
     def decision_function(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Logits: outcome (N,) and guidelines (N, L)."""
@@ -167,26 +157,67 @@ class BaselineModel:
         )
 
 
-def _analyzer_kwargs(settings: BaselineSection) -> dict:
+def _analyzer_kwargs(ngram_max: int) -> dict:
     return {
         "lowercase": True,
         "strip_accents": "unicode",
         "token_pattern": _TOKEN_PATTERN,
-        "ngram_range": (1, settings.ngram_max),
+        "ngram_range": (1, ngram_max),
         "dtype": np.float64,
     }
 
 
+@dataclass
+class TfidfFeatures:
+    """A fitted TF-IDF vocabulary: texts → sublinear-tf × idf rows, L2-normalised (sparse, (N, V)).
+
+    Shared by the baseline and the transformer's guideline term (`ModelConfig.guideline_tfidf`);
+    stored as a vocabulary list + an idf array, so loading needs no pickle.
+    """
+
+    vocabulary: list[str]
+    idf: np.ndarray  # (V,)
+    ngram_max: int = 2
+    _counter: CountVectorizer | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], *, max_features: int | None = 20000, min_df: int = 1,
+            ngram_max: int = 2) -> "TfidfFeatures":  # fmt: skip
+        vec = TfidfVectorizer(**_analyzer_kwargs(ngram_max), max_features=max_features, min_df=min_df, sublinear_tf=True)
+        try:
+            vec.fit(["" if t is None else t for t in texts])
+        except ValueError as exc:  # scikit-learn: "empty vocabulary; perhaps the documents only contain stop words"
+            raise ValueError(f"cannot fit a TF-IDF vocabulary on {len(texts)} texts: {exc}") from None
+        vocab = [t for t, _ in sorted(vec.vocabulary_.items(), key=lambda kv: kv[1])]
+        return cls(vocab, vec.idf_.astype(np.float64), ngram_max)
+
+    def __len__(self) -> int:
+        return len(self.vocabulary)
+
+    def transform(self, texts: Sequence[str]) -> sparse.csr_matrix:
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings; wrap a single text in a list")
+        if self._counter is None:
+            self._counter = CountVectorizer(**_analyzer_kwargs(self.ngram_max),
+                                            vocabulary={t: i for i, t in enumerate(self.vocabulary)})  # fmt: skip
+        counts = self._counter.transform(["" if t is None else t for t in texts]).astype(np.float64).tocsr()
+        counts.data = 1.0 + np.log(counts.data)
+        X = counts.multiply(np.asarray(self.idf, dtype=np.float64)[None, :]).tocsr()
+        norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
+        norms[norms == 0] = 1.0
+        return (sparse.diags(1.0 / norms) @ X).tocsr()
+
+
 def _fit_binary(X: sparse.csr_matrix, y: np.ndarray, settings: BaselineSection, seed: int) -> tuple[np.ndarray, float]:
-    """Coefficients and intercept of one logistic regression; a constant scorer when y has one class."""
+    return fit_binary_logistic(X, y, C=settings.C, balanced=settings.class_weight != "none", seed=seed)
+
+
+def fit_binary_logistic(X, y: np.ndarray, *, C: float, balanced: bool = True, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Coefficients (F,) and intercept of one L2 logistic regression; a constant scorer when y has one class."""
+    y = np.asarray(y).astype(int)
     if y.min() == y.max():
         rate = np.clip(y.mean(), 1e-3, 1 - 1e-3)
         return np.zeros(X.shape[1]), float(np.log(rate / (1 - rate)))
-    clf = LogisticRegression(
-        C=settings.C,
-        class_weight=None if settings.class_weight == "none" else "balanced",
-        max_iter=2000,
-        random_state=seed,
-    )
+    clf = LogisticRegression(C=C, class_weight="balanced" if balanced else None, max_iter=2000, random_state=seed)
     clf.fit(X, y)
     return clf.coef_[0].astype(np.float64), float(clf.intercept_[0])

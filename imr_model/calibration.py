@@ -92,11 +92,14 @@ def fit_label_thresholds(Y_true, P, default: float = 0.5, rule: str = "best_f1")
     return np.array([fit_threshold(yt[:, j], pr[:, j], rule, default) for j in range(yt.shape[1])])
 
 
-def calibrate(clf, windows, val, batch_size: int = 32, rule: str = "half_max_f1") -> None:
+def calibrate(clf, windows, val, batch_size: int = 32, rule: str = "half_max_f1", *,
+              label_thresholds: bool = True) -> None:  # fmt: skip
     """Fit temperature, outcome threshold and per-label thresholds on validation items, in place.
 
     The transformer's probabilities are calibrated (temperature for the outcome; unweighted BCE for
     the guidelines), so `rule` defaults to half the best F1 (see metrics.half_max_f1_threshold).
+    `label_thresholds=False` keeps every label at 0.5: a class-balanced guideline head
+    (`train.guideline_head: logistic`) puts its decision point there, as the baseline's does.
     """
     from imr_model.training import item_logits
 
@@ -104,7 +107,8 @@ def calibrate(clf, windows, val, batch_size: int = 32, rule: str = "half_max_f1"
     clf.temperature = fit_temperature(o, val.y)
     p, P = clf.calibrate(o, g)
     clf.outcome_threshold = fit_threshold(val.y, p, rule)
-    clf.guideline_thresholds = fit_label_thresholds(val.Y, P, rule=rule)
+    clf.guideline_thresholds = (fit_label_thresholds(val.Y, P, rule=rule) if label_thresholds
+                                else np.full(len(clf.label_names), 0.5))  # fmt: skip
 
 
 def calibrate_baseline(model, val) -> None:

@@ -53,6 +53,10 @@ class ModelConfig(_Section):
     freeze_layers: int = Field(0, ge=0)  # embeddings + this many lower encoder layers get no updates
     freeze_embeddings: bool = False  # token/position embeddings get no updates (saves ~half the optimizer work)
     guideline_cues: bool = False  # add a linear term on citation cues (imr_model/cues.py) to the guideline logits
+    # add a linear term on the text's TF-IDF vector (vocabulary fit on the training texts) to the guideline logits;
+    # needs train.guideline_head: logistic, which fits it together with the head
+    guideline_tfidf: bool = False
+    tfidf_max_features: int = Field(20000, ge=10)  # vocabulary size cap of that term (uni- and bigrams)
     # Filled in when a model is built or trained; empty in YAML files.
     label_names: list[str] = Field(default_factory=list)  # guideline head order (taxonomy order)
     outcome_labels: list[str] = Field(default_factory=lambda: ["Upheld", "Overturned"])
@@ -102,6 +106,15 @@ class TrainSection(_Section):
     # pooled window vectors with C from outcome_head_Cs by grouped CV (training.refit_outcome_head)
     outcome_head: Literal["finetune", "logistic"] = "finetune"
     outcome_head_Cs: list[float] = Field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0], min_length=1)
+    # finetune: the guideline head is what fine-tuning (and head_epochs) left; logistic: after fine-tuning,
+    # refit it with its cue and TF-IDF terms as one class-balanced logistic regression per label on the pooled
+    # window vectors, C from guideline_head_Cs by grouped CV (training.refit_guideline_logistic)
+    guideline_head: Literal["finetune", "logistic"] = "finetune"
+    guideline_head_Cs: list[float] = Field(default_factory=lambda: [1.0, 4.0, 16.0], min_length=1)
+    # logistic guideline head with citation cues: a label seen n times in training gets a fixed weight of
+    # prior * support / (n + support) on the cues that name it (cues.yaml label_cues); 0 = off
+    guideline_cue_prior: float = Field(8.0, ge=0)
+    guideline_cue_prior_support: float = Field(3.0, gt=0)
     max_windows_per_step: int = Field(16, ge=1)  # larger batches are split (gradient accumulation): bounds memory
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = leave torch's default
 
@@ -175,6 +188,15 @@ class TrainConfig(_Section):
         if self.train.epochs == 0 and self.train.outcome_head != "logistic":
             raise ValueError("train.epochs: 0 (no fine-tuning) leaves the outcome head untrained; "
                              "set train.outcome_head: logistic")  # fmt: skip
+        if self.train.guideline_head == "logistic":
+            if self.model.guideline_pool not in ("mean", "last"):
+                raise ValueError(f"train.guideline_head: logistic needs model.guideline_pooling mean or last (a linear "
+                                 f"pooling), got {self.model.guideline_pool!r}")  # fmt: skip
+            if self.train.head_epochs:
+                raise ValueError("train.head_epochs trains the guideline head by gradient steps; with "
+                                 "train.guideline_head: logistic the head is refit instead: set head_epochs: 0")  # fmt: skip
+        elif self.model.guideline_tfidf:
+            raise ValueError("model.guideline_tfidf: true is fit by train.guideline_head: logistic; set it")
         return self
 
     def flat(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ class Cues:
     version: int
     mentions: dict[str, re.Pattern]
     body_parts: dict[str, re.Pattern]
+    label_cues: dict[str, list[str]]
 
     @property
     def names(self) -> list[str]:
@@ -70,7 +71,13 @@ def load_cues() -> Cues:
     def compile_all(section: str) -> dict[str, re.Pattern]:
         return {name: re.compile(pattern, re.I) for name, pattern in (raw.get(section) or {}).items()}
 
-    return Cues(version=int(raw["version"]), mentions=compile_all("mentions"), body_parts=compile_all("body_parts"))
+    cues = Cues(version=int(raw["version"]), mentions=compile_all("mentions"), body_parts=compile_all("body_parts"),
+                label_cues={k: list(v) for k, v in (raw.get("label_cues") or {}).items()})  # fmt: skip
+    unknown = [f"{label}: {c}" for label, cs in cues.label_cues.items() for c in cs if c not in cues.names]
+    unknown += [label for label in cues.label_cues if label not in LABELS]
+    if unknown:
+        raise ValueError(f"resources/cues.yaml label_cues names unknown labels or cues: {', '.join(unknown)}")
+    return cues
 
 
 def cue_names() -> list[str]:
@@ -81,6 +88,13 @@ def cue_names() -> list[str]:
 def cue_version() -> int:
     """Version of `resources/cues.yaml`: bumped whenever a pattern changes, even if no name does."""
     return load_cues().version
+
+
+def label_cue_columns(labels: Sequence[str]) -> list[list[int]]:
+    """For each label, the cue columns that name it: its `taxonomy:<label>` cue and its `label_cues` aliases."""
+    cues = load_cues()
+    index = {name: i for i, name in enumerate(cues.names)}
+    return [[index[n] for n in [f"taxonomy:{label}", *cues.label_cues.get(label, [])] if n in index] for label in labels]
 
 
 def cue_matrix(texts: Sequence[str]) -> np.ndarray:

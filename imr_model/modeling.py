@@ -19,8 +19,9 @@ trained with). Window logits are pooled back to the item, separately per head
 Training pools the same way as inference, so what is trained is what is served.
 
 A model directory holds `config.json` (`ModelConfig`), `model.safetensors`, tokenizer files,
-`calibration.json`, `metrics.json` and `taxonomy.json`; loading it needs neither pickle nor the
-backbone: the encoder is rebuilt from the stored transformers config.
+`calibration.json`, `metrics.json` and `taxonomy.json` (plus `tfidf_vocabulary.json` when the guideline
+logits have a TF-IDF term); loading it needs neither pickle nor the backbone: the encoder is rebuilt
+from the stored transformers config.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from imr_model.baseline import TfidfFeatures
 from imr_model.config import ModelConfig, hub_offline, resolve_backbone
 from imr_model.cues import cue_matrix, cue_names, cue_version
 from imr_model.windows import Windows, make_windows  # noqa: F401 - Windows is part of this module's API
@@ -47,6 +49,7 @@ WEIGHTS_FILE = "model.safetensors"
 CALIBRATION_FILE = "calibration.json"
 METRICS_FILE = "metrics.json"
 TAXONOMY_FILE = "taxonomy.json"
+TFIDF_FILE = "tfidf_vocabulary.json"
 
 #: forward(input_ids (B, T) int64, attention_mask (B, T) int64) -> (outcome (B,), guidelines (B, L)) logits
 ForwardFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -63,7 +66,7 @@ class IMRNet(nn.Module):
     per-label attention (CAML-style) did worse on the shared letters.
     """
 
-    def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1, n_cues: int = 0):
+    def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1, n_cues: int = 0, n_tfidf: int = 0):
         super().__init__()
         self.encoder = encoder
         hidden = int(encoder.config.hidden_size)
@@ -77,6 +80,11 @@ class IMRNet(nn.Module):
         self.guideline_cues = nn.Linear(n_cues, n_labels, bias=False) if n_cues else None
         if self.guideline_cues is not None:
             nn.init.zeros_(self.guideline_cues.weight)
+        # Item-level linear term on the text's TF-IDF vector (`model.guideline_tfidf`); idf kept beside it.
+        self.guideline_tfidf = nn.Linear(n_tfidf, n_labels, bias=False) if n_tfidf else None
+        if self.guideline_tfidf is not None:
+            nn.init.zeros_(self.guideline_tfidf.weight)
+            self.register_buffer("tfidf_idf", torch.ones(n_tfidf, dtype=torch.float64))
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """(W, T) token windows → attention-pooled (W, H) for the outcome, mean-pooled (W, H) for guidelines."""
@@ -197,6 +205,7 @@ class IMRClassifier:
         guideline_thresholds: np.ndarray | None = None,
         metrics: dict | None = None,
         device: str = "cpu",
+        tfidf_vocabulary: Sequence[str] | None = None,
     ):
         n_labels = len(config.label_names)
         if net.guideline_head.out_features != n_labels:
@@ -214,6 +223,12 @@ class IMRClassifier:
             raise ValueError(f"guideline_thresholds has shape {thresholds.shape}, expected ({n_labels},)")
         self.guideline_thresholds = thresholds.astype(np.float64)
         self.metrics = dict(metrics or {})
+        self.tfidf: TfidfFeatures | None = None
+        if net.guideline_tfidf is not None:
+            if tfidf_vocabulary is None or len(tfidf_vocabulary) != net.guideline_tfidf.in_features:
+                raise ValueError(f"the guideline TF-IDF term has {net.guideline_tfidf.in_features} inputs but the "
+                                 f"vocabulary has {0 if tfidf_vocabulary is None else len(tfidf_vocabulary)} terms")  # fmt: skip
+            self.tfidf = TfidfFeatures(list(tfidf_vocabulary), net.tfidf_idf.detach().cpu().numpy())
 
     @property
     def label_names(self) -> list[str]:
@@ -221,15 +236,28 @@ class IMRClassifier:
 
     # ----------------------------------------------------------------------------- construction / IO
     @classmethod
-    def build(cls, config: ModelConfig, label_names: Sequence[str], device: str = "cpu") -> "IMRClassifier":
-        """A new, untrained classifier on the configured backbone."""
+    def build(cls, config: ModelConfig, label_names: Sequence[str], device: str = "cpu",
+              tfidf: TfidfFeatures | None = None) -> "IMRClassifier":  # fmt: skip
+        """A new, untrained classifier on the configured backbone.
+
+        `tfidf`: the fitted vocabulary of the guideline TF-IDF term; required when `config.guideline_tfidf`.
+        """
         if not label_names:
             raise ValueError("label_names is empty; the guideline head needs at least one label")
+        if config.guideline_tfidf and tfidf is None:
+            raise ValueError("model.guideline_tfidf needs a fitted TF-IDF vocabulary (TfidfFeatures.fit on the training texts)")
+        tfidf = tfidf if config.guideline_tfidf else None
         encoder, tokenizer = build_encoder(config)
         cues = cue_names() if config.guideline_cues else []
         config = config.model_copy(update={"label_names": list(label_names), "encoder_config": encoder.config.to_dict(),
                                            "cue_names": cues, "cue_version": cue_version() if cues else 0})  # fmt: skip
-        return cls(config, IMRNet(encoder, len(label_names), config.dropout, len(cues)), tokenizer, device=device)
+        net = IMRNet(encoder, len(label_names), config.dropout, len(cues), len(tfidf) if tfidf is not None else 0)
+        if tfidf is not None:
+            if tfidf.ngram_max != 2:
+                raise ValueError(f"the guideline TF-IDF term uses uni- and bigrams, got ngram_max {tfidf.ngram_max}")
+            with torch.no_grad():
+                net.tfidf_idf.copy_(torch.as_tensor(np.asarray(tfidf.idf, dtype=np.float64)))
+        return cls(config, net, tokenizer, device=device, tfidf_vocabulary=tfidf.vocabulary if tfidf is not None else None)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "IMRClassifier":
@@ -249,8 +277,14 @@ class IMRClassifier:
         if config.cue_names and (config.cue_names != cue_names() or config.cue_version != cue_version()):
             raise ValueError(f"{path} was trained with citation cues that differ from this imr-model's "
                              "(imr_model/resources/cues.yaml changed). Retrain it with `imr train`.")  # fmt: skip
+        vocabulary = None
+        if config.guideline_tfidf:
+            record = _read_json(path / TFIDF_FILE)
+            if record is None:
+                raise FileNotFoundError(f"{path} has a guideline TF-IDF term but no {TFIDF_FILE}")
+            vocabulary = list(record["vocabulary"])
         net = IMRNet(_encoder_from_config(config.encoder_config), len(config.label_names), config.dropout,
-                     len(config.cue_names))  # fmt: skip
+                     len(config.cue_names), len(vocabulary or []))  # fmt: skip
         net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         calibration = _read_json(path / CALIBRATION_FILE) or {}
@@ -265,6 +299,7 @@ class IMRClassifier:
             guideline_thresholds=thresholds,
             metrics=_read_json(path / METRICS_FILE) or {},
             device=device,
+            tfidf_vocabulary=vocabulary,
         )
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -279,6 +314,8 @@ class IMRClassifier:
         _write_json(path / CALIBRATION_FILE, self.calibration_dict())
         _write_json(path / METRICS_FILE, self.metrics)
         _write_json(path / TAXONOMY_FILE, _taxonomy_record(self.label_names))
+        if self.tfidf is not None:
+            _write_json(path / TFIDF_FILE, {"ngram_max": self.tfidf.ngram_max, "vocabulary": self.tfidf.vocabulary})
 
     def calibration_dict(self) -> dict:
         return {
@@ -346,20 +383,23 @@ class IMRClassifier:
     def window_item_logits(
         self, windows: Windows, texts: Sequence[str], batch_size: int = 32, forward: ForwardFn | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Uncalibrated item logits of `texts` from their already-made `windows` (pooled + cue term)."""
+        """Uncalibrated item logits of `texts` from their already-made `windows` (pooled + item-level terms)."""
         o, g = self.forward_windows(windows, batch_size=batch_size, forward=forward)
         o, g = self.pool(o, g, windows.item_ids.numpy(), len(texts))
-        return o, g + self.cue_logits(texts)
+        return o, g + self.item_term_logits(texts)
 
-    def cue_logits(self, texts: Sequence[str]) -> np.ndarray:
-        """The guideline logits' item-level term on citation cues, (N, L); zeros without cues.
+    def item_term_logits(self, texts: Sequence[str]) -> np.ndarray:
+        """The guideline logits' item-level terms, (N, L): citation cues and TF-IDF; zeros without either.
 
-        Both backends add it here, after pooling; attributions explain the pooled window part only.
+        Both backends add them here, after pooling; attributions explain the pooled window part only.
         """
-        head = self.net.guideline_cues
-        if head is None:
-            return np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
-        return cue_matrix(texts) @ head.weight.detach().cpu().numpy().T
+        out = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
+        if self.net.guideline_cues is not None:
+            out += cue_matrix(texts) @ self.net.guideline_cues.weight.detach().cpu().numpy().T
+        if self.net.guideline_tfidf is not None and self.tfidf is not None:
+            weight = self.net.guideline_tfidf.weight.detach().cpu().numpy().astype(np.float64)
+            out += np.asarray(self.tfidf.transform(texts) @ weight.T, dtype=np.float32)
+        return out
 
     def predict_proba(
         self, texts: Sequence[str], batch_size: int = 32, forward: ForwardFn | None = None

@@ -20,6 +20,8 @@ from imr_model.experiment import (
 from imr_model.training import (
     Split,
     _micro_batches,
+    guideline_features,
+    refit_guideline_logistic,
     refit_outcome_head,
     freeze_lower_layers,
     length_batches,
@@ -151,6 +153,84 @@ def test_logistic_outcome_head_is_the_regression_on_pooled_vectors(tiny_config, 
     assert roc_auc_score(test.y, logits) > 0.9  # the planted word separates unseen items
 
 
+def _planted_guideline_split(n_letters: int, label_names, seed: int) -> Split:
+    """Items citing a planted guideline name carry label 0; items naming ACOEM and the neck carry label 1."""
+    rng = np.random.default_rng(seed)
+    filler = ["The injured worker reports pain.", "Physical therapy was completed last year.",
+              "Medication helps with sleep.", "The physician requests a follow-up visit."]  # fmt: skip
+    texts, Y, groups = [], np.zeros((2 * n_letters, len(label_names))), []
+    for i in range(2 * n_letters):
+        sentences = list(rng.choice(filler, size=2, replace=False))
+        if rng.random() < 0.4:
+            sentences.append("The Quorvane guideline supports this.")
+            Y[i, 0] = 1
+        if rng.random() < 0.3:
+            sentences.append("ACOEM addresses imaging of the cervical spine.")
+            Y[i, 1] = 1
+        texts.append(" ".join(sentences))
+        groups.append(f"L{i // 2}")
+    return Split(texts, np.zeros(len(texts)), Y, groups=groups)
+
+
+def test_logistic_guideline_head_is_the_joint_regression(tiny_config, label_names):
+    """train.guideline_head=logistic: item logits = [pooled vectors, cues, TF-IDF] @ W + b, fit per label;
+    the TF-IDF term finds a planted guideline name and the fit survives save/load."""
+    from imr_model.baseline import TfidfFeatures
+    from imr_model.modeling import IMRClassifier, pool_logits
+
+    torch.manual_seed(0)
+    model_cfg = tiny_config.model.model_copy(update={"guideline_pooling": "mean", "window_unit": "sentences",
+                                                     "guideline_tfidf": True})  # fmt: skip
+    cfg = tiny_config.model_copy(update={"model": model_cfg,
+                                         "train": tiny_config.train.model_copy(update={"guideline_head": "logistic",
+                                                                                       "head_epochs": 0,
+                                                                                       "guideline_cue_prior": 0.0})})  # fmt: skip
+    train, test = _planted_guideline_split(40, label_names, 0), _planted_guideline_split(20, label_names, 1)
+    clf = IMRClassifier.build(model_cfg, label_names, tfidf=TfidfFeatures.fit(train.texts, max_features=500))
+    assert clf.net.guideline_tfidf.in_features == len(clf.tfidf) <= 500
+    info = refit_guideline_logistic(clf, clf.make_windows(train.texts), train, cfg)
+    assert info["C"] in cfg.train.guideline_head_Cs and info["folds"] == 5
+    assert set(info["cv_micro_f1_by_C"]) == {str(c) for c in cfg.train.guideline_head_Cs}
+    _, logits = clf.predict_logits(test.texts)
+    # Independently: refit the same regression with scikit-learn on the same design matrix.
+    from sklearn.linear_model import LogisticRegression
+    from imr_model.training import _scales, _window_vectors
+
+    w_train, w_test = clf.make_windows(train.texts), clf.make_windows(test.texts)
+    pooled = lambda w, n: pool_logits(_window_vectors(clf, w, 32)[1].double(), w.item_ids, n, "mean").numpy()  # noqa: E731
+    p_train = pooled(w_train, len(train))
+    scales = _scales(p_train)
+    F_train = guideline_features(clf, p_train, train.texts, scales)
+    F_test = guideline_features(clf, pooled(w_test, len(test)), test.texts, scales)
+    for j in (0, 1):
+        ref = LogisticRegression(C=info["C"], class_weight="balanced", max_iter=2000).fit(F_train, train.Y[:, j])
+        assert np.allclose(logits[:, j], ref.decision_function(F_test), atol=1e-3)
+    assert np.array_equal(logits[:, 0] > 0, test.Y[:, 0] > 0)  # the planted name decides label 0 on unseen items
+    assert np.all(logits[:, 2:] < 0)  # labels never seen in training stay off
+    # The cue prior: each label's naming cues get prior * s / (n + s) on top of the fitted weights.
+    from imr_model.cues import cue_matrix, label_cue_columns
+
+    prior_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"guideline_cue_prior": 8.0})})
+    refit_guideline_logistic(clf, w_train, train, prior_cfg)
+    shifted = clf.predict_logits(test.texts)[1]
+    n = train.Y.sum(axis=0)
+    expected = np.zeros_like(shifted)
+    cues = cue_matrix(test.texts)
+    for j, columns in enumerate(label_cue_columns(label_names)):
+        expected[:, j] = cues[:, columns].sum(axis=1) * 8.0 * 3.0 / (n[j] + 3.0)
+    assert np.allclose(shifted - logits, expected, atol=1e-3)
+    neck = list(label_names).index("ACOEM_NECK")  # "ACOEM ... cervical spine" names it; training never saw it
+    assert n[neck] == 0 and np.array_equal(shifted[:, neck] > 0, cues[:, label_cue_columns(["ACOEM_NECK"])[0]].sum(1) > 0)
+    assert (shifted[:, neck] > 0).any()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clf.save_pretrained(tmp)
+        loaded = IMRClassifier.from_pretrained(tmp)
+        assert loaded.tfidf.vocabulary == clf.tfidf.vocabulary
+        assert np.allclose(loaded.predict_logits(test.texts)[1], shifted, atol=1e-5)
+
+
 def test_head_config_errors():
     from imr_model.config import ConfigError, load_config
 
@@ -158,6 +238,12 @@ def test_head_config_errors():
         load_config("tiny", ["train.outcome_head=logistic", "model.pooling=max"])
     with pytest.raises(ConfigError, match="outcome_head: logistic"):
         load_config("tiny", ["train.epochs=0"])
+    with pytest.raises(ConfigError, match="guideline_pooling mean or last"):
+        load_config("tiny", ["train.guideline_head=logistic", "train.head_epochs=0", "model.guideline_pooling=max"])
+    with pytest.raises(ConfigError, match="head_epochs: 0"):
+        load_config("tiny", ["train.guideline_head=logistic", "model.guideline_pooling=mean"])
+    with pytest.raises(ConfigError, match="guideline_tfidf.*guideline_head: logistic"):
+        load_config("tiny", ["model.guideline_tfidf=true"])
 
 
 def test_train_classifier_input_errors(tiny_config, label_names):
@@ -170,9 +256,16 @@ def test_train_classifier_input_errors(tiny_config, label_names):
 
 @pytest.mark.slow
 def test_run_training_without_mlflow_saves_model_and_baseline(tiny_config, tmp_path):
-    cfg = tiny_config.model_copy(update={"mlflow": tiny_config.mlflow.model_copy(update={"enabled": False})})
+    """Also the shipped configs' guideline setup end to end: logistic head with cue and TF-IDF terms."""
+    from imr_model.config import load_config
+
+    cfg = load_config("tiny", [f"output_dir={tiny_config.output_dir}", "mlflow.enabled=false", "train.head_epochs=0",
+                               "train.guideline_head=logistic", "model.guideline_tfidf=true",
+                               "model.guideline_pooling=mean"])  # fmt: skip
     result = run_training(cfg, None, quiet=True)
     assert result.run_id is None
+    assert (result.model_dir / "tfidf_vocabulary.json").is_file()
+    assert set(json.loads((result.model_dir / "calibration.json").read_text())["guideline_thresholds"].values()) == {0.5}
     for split in ("validation", "test"):
         rows = result.metrics[split]
         assert set(rows) == {"majority", "tfidf", "model"}
