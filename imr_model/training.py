@@ -430,7 +430,7 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
     H = pooled.shape[1]
     w_vec = W[:, :H] * (VECTOR_BLOCK_WEIGHT / math.sqrt(H)) / sd
     t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
-    net, offset = clf.net, H
+    net, offset, applied = clf.net, H, {}
     with torch.no_grad():
         net.guideline_head.weight.copy_(t(w_vec))
         net.guideline_head.bias.copy_(t(b - w_vec @ mu))
@@ -441,12 +441,13 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
                 Y.sum(axis=0) + cfg.train.guideline_cue_prior_support)  # fmt: skip
             for j, columns in enumerate(label_cue_columns(clf.label_names)):
                 cue_w[j, columns] += prior[j]
+                applied[clf.label_names[j]] = round(float(prior[j]), 4) if columns else 0.0
             net.guideline_cues.weight.copy_(t(cue_w))
             offset += n
         if net.guideline_tfidf is not None:
             net.guideline_tfidf.weight.copy_(t(W[:, offset:]))
     return {"C": best_C, "cv_micro_f1_by_C": {str(c): v for c, v in scores.items()}, "folds": k,
-            "features": int(F.shape[1])}  # fmt: skip
+            "features": int(F.shape[1]), "cue_prior": applied}  # fmt: skip
 
 
 def refit_guideline_head(clf: IMRClassifier, w_train: Windows, train: Split, w_val: Windows, val: Split,

@@ -211,7 +211,8 @@ def test_logistic_guideline_head_is_the_joint_regression(tiny_config, label_name
     from imr_model.cues import cue_matrix, label_cue_columns
 
     prior_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"guideline_cue_prior": 8.0})})
-    refit_guideline_logistic(clf, w_train, train, prior_cfg)
+    info = refit_guideline_logistic(clf, w_train, train, prior_cfg)
+    assert info["cue_prior"]["ACOEM_NECK"] == pytest.approx(8.0)  # never seen: the full prior
     shifted = clf.predict_logits(test.texts)[1]
     n = train.Y.sum(axis=0)
     expected = np.zeros_like(shifted)
