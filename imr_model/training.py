@@ -528,7 +528,8 @@ def train_classifier(
     seed_everything(cfg.seed)
     tfidf = None
     if cfg.model.guideline_tfidf:
-        tfidf = TfidfFeatures.fit(train.texts, max_features=cfg.model.tfidf_max_features, min_df=1, ngram_max=2)
+        tfidf = TfidfFeatures.fit(train.texts, max_features=cfg.model.tfidf_max_features,
+                                  min_df=min(cfg.model.tfidf_min_df, len(train)), ngram_max=2)  # fmt: skip
     clf = IMRClassifier.build(cfg.model, label_names, tfidf=tfidf)
     freeze_lower_layers(clf.net, cfg.model.freeze_layers, embeddings=cfg.model.freeze_embeddings)
     pos_weight = resolve_pos_weight(cfg.train.pos_weight, train.y)
