@@ -206,6 +206,7 @@ class IMRClassifier:
         metrics: dict | None = None,
         device: str = "cpu",
         tfidf_vocabulary: Sequence[str] | None = None,
+        tfidf_ngram_max: int = 2,
     ):
         n_labels = len(config.label_names)
         if net.guideline_head.out_features != n_labels:
@@ -228,7 +229,7 @@ class IMRClassifier:
             if tfidf_vocabulary is None or len(tfidf_vocabulary) != net.guideline_tfidf.in_features:
                 raise ValueError(f"the guideline TF-IDF term has {net.guideline_tfidf.in_features} inputs but the "
                                  f"vocabulary has {0 if tfidf_vocabulary is None else len(tfidf_vocabulary)} terms")  # fmt: skip
-            self.tfidf = TfidfFeatures(list(tfidf_vocabulary), net.tfidf_idf.detach().cpu().numpy())
+            self.tfidf = TfidfFeatures(list(tfidf_vocabulary), net.tfidf_idf.detach().cpu().numpy(), tfidf_ngram_max)
 
     @property
     def label_names(self) -> list[str]:
@@ -252,12 +253,11 @@ class IMRClassifier:
         config = config.model_copy(update={"label_names": list(label_names), "encoder_config": encoder.config.to_dict(),
                                            "cue_names": cues, "cue_version": cue_version() if cues else 0})  # fmt: skip
         net = IMRNet(encoder, len(label_names), config.dropout, len(cues), len(tfidf) if tfidf is not None else 0)
-        if tfidf is not None:
-            if tfidf.ngram_max != 2:
-                raise ValueError(f"the guideline TF-IDF term uses uni- and bigrams, got ngram_max {tfidf.ngram_max}")
-            with torch.no_grad():
-                net.tfidf_idf.copy_(torch.as_tensor(np.asarray(tfidf.idf, dtype=np.float64)))
-        return cls(config, net, tokenizer, device=device, tfidf_vocabulary=tfidf.vocabulary if tfidf is not None else None)
+        if tfidf is None:
+            return cls(config, net, tokenizer, device=device)
+        with torch.no_grad():
+            net.tfidf_idf.copy_(torch.as_tensor(np.asarray(tfidf.idf, dtype=np.float64)))
+        return cls(config, net, tokenizer, device=device, tfidf_vocabulary=tfidf.vocabulary, tfidf_ngram_max=tfidf.ngram_max)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "IMRClassifier":
@@ -277,12 +277,12 @@ class IMRClassifier:
         if config.cue_names and (config.cue_names != cue_names() or config.cue_version != cue_version()):
             raise ValueError(f"{path} was trained with citation cues that differ from this imr-model's "
                              "(imr_model/resources/cues.yaml changed). Retrain it with `imr train`.")  # fmt: skip
-        vocabulary = None
+        vocabulary, ngram_max = None, 2
         if config.guideline_tfidf:
             record = _read_json(path / TFIDF_FILE)
             if record is None:
                 raise FileNotFoundError(f"{path} has a guideline TF-IDF term but no {TFIDF_FILE}")
-            vocabulary = list(record["vocabulary"])
+            vocabulary, ngram_max = list(record["vocabulary"]), int(record["ngram_max"])
         net = IMRNet(_encoder_from_config(config.encoder_config), len(config.label_names), config.dropout,
                      len(config.cue_names), len(vocabulary or []))  # fmt: skip
         net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
@@ -300,6 +300,7 @@ class IMRClassifier:
             metrics=_read_json(path / METRICS_FILE) or {},
             device=device,
             tfidf_vocabulary=vocabulary,
+            tfidf_ngram_max=ngram_max,
         )
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -396,7 +397,7 @@ class IMRClassifier:
         out = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
         if self.net.guideline_cues is not None:
             out += cue_matrix(texts) @ self.net.guideline_cues.weight.detach().cpu().numpy().T
-        if self.net.guideline_tfidf is not None and self.tfidf is not None:
+        if self.tfidf is not None:
             weight = self.net.guideline_tfidf.weight.detach().cpu().numpy().astype(np.float64)
             out += np.asarray(self.tfidf.transform(texts) @ weight.T, dtype=np.float32)
         return out

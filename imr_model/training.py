@@ -441,7 +441,7 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
                 Y.sum(axis=0) + cfg.train.guideline_cue_prior_support)  # fmt: skip
             for j, columns in enumerate(label_cue_columns(clf.label_names)):
                 cue_w[j, columns] += prior[j]
-                applied[clf.label_names[j]] = round(float(prior[j]), 4) if columns else 0.0
+                applied[clf.label_names[j]] = round(float(prior[j]), 4)
             net.guideline_cues.weight.copy_(t(cue_w))
             offset += n
         if net.guideline_tfidf is not None:
