@@ -8,7 +8,8 @@ For one item text:
 2. The item logit is a pooling of window logits, so its attribution is the pooling's gradient-
    weighted sum of window attributions: max pooling → only the winning window (which also saves the
    cost of the others), last → only the item's last window (with sentence windows: the sentence
-   that states the verdict), mean → 1/W each, logsumexp → softmax of the window logits. The
+   that states the verdict), mean → 1/W each, mean_last → 1/W each and 1 more for the last,
+   logsumexp → softmax of the window logits. The
    outcome uses `model.pooling`, guideline labels `model.guideline_pooling`.
 3. Integrated gradients along `n_steps` points (Gauss-Legendre, Captum's default) in internal
    batches, parameters frozen so the backward pass computes no weight gradients. `attribute_many`
@@ -135,7 +136,7 @@ def attribute_many(
         return outcome if column is None else guidelines[:, column]  # (rows,)
 
     pooling = classifier.config.pooling if column is None else classifier.config.guideline_pool
-    if pooling in ("last", "mean"):  # the weights do not depend on the logits: skip a forward of every window
+    if pooling in ("last", "mean", "mean_last"):  # the weights do not depend on the logits: skip a forward of every window
         window_logits = np.zeros(len(windows), dtype=np.float64)
     else:
         o, g = classifier.forward_windows(windows)
@@ -191,10 +192,14 @@ def pooling_weights(window_logits: np.ndarray, pooling: str) -> np.ndarray:
         return w
     if pooling == "mean":
         return np.full_like(z, 1.0 / len(z))
+    if pooling == "mean_last":
+        w = np.full_like(z, 1.0 / len(z))
+        w[-1] += 1.0
+        return w
     if pooling == "logsumexp":
         e = np.exp(z - z.max())
         return e / e.sum()
-    raise ValueError(f"unknown pooling {pooling!r}; valid: max, mean, logsumexp, last")
+    raise ValueError(f"unknown pooling {pooling!r}; valid: max, mean, logsumexp, last, mean_last")
 
 
 def merge_words(text: str, token_scores: np.ndarray, offsets: np.ndarray) -> tuple[WordScore, ...]:

@@ -75,7 +75,7 @@ class BaselineModel:
                 f"{len(texts)} texts, {len(y_arr)} outcome labels and a guideline matrix of shape "
                 f"{Y_arr.shape} (expected ({len(texts)}, {len(label_names)}))"
             )
-        tfidf = TfidfFeatures.fit(texts, max_features=settings.max_features, min_df=settings.min_df,
+        tfidf = TfidfFeatures.fit(texts, max_features=settings.max_features, min_df=min(settings.min_df, len(texts)),
                                   ngram_max=settings.ngram_max)  # fmt: skip
         model = cls(
             settings=settings,

@@ -104,11 +104,22 @@ def calibrate(clf, windows, val, batch_size: int = 32, rule: str = "half_max_f1"
     from imr_model.training import item_logits
 
     o, g = item_logits(clf, windows, val.texts, batch_size)
-    clf.temperature = fit_temperature(o, val.y)
-    p, P = clf.calibrate(o, g)
-    clf.outcome_threshold = fit_threshold(val.y, p, rule)
+    calibrate_outcome(clf, o, val.y, rule)
+    _, P = clf.calibrate(o, g)
     clf.guideline_thresholds = (fit_label_thresholds(val.Y, P, rule=rule) if label_thresholds
                                 else np.full(len(clf.label_names), 0.5))  # fmt: skip
+
+
+def calibrate_outcome(clf, outcome_logits, y_true, rule: str = "half_max_f1") -> None:
+    """Temperature and outcome threshold from held-out outcome logits, in place.
+
+    The logits are the validation items' or, with `train.fit_on_validation`, the grouped out-of-fold
+    logits of the logistic outcome head's C search (`training.refit_outcome_head`).
+    """
+    o = np.asarray(outcome_logits, dtype=float)
+    clf.temperature = fit_temperature(o, y_true)
+    p, _ = clf.calibrate(o, np.zeros((len(o), 0)))
+    clf.outcome_threshold = fit_threshold(y_true, p, rule)
 
 
 def calibrate_baseline(model, val) -> None:

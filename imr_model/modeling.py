@@ -15,6 +15,10 @@ trained with). Window logits are pooled back to the item, separately per head
   place ("ODG states ...") is not diluted by the number of windows.
 * `mean`: every window counts equally (citations spread over a rationale).
 * `logsumexp`: log of the mean of exp, between mean and max.
+* `mean_last`: the mean plus the last window (the window bias counts twice). For the masked view,
+  whose closing verdict sentence is masked, the last window is the reviewer's last statement of the
+  evidence before it; frozen MiniLM + logistic regression on the shared letters (grouped 5-fold CV,
+  6 fold assignments): outcome AUROC .815 with `mean_last`, .783 with `mean`, .753 with `last`.
 
 Training pools the same way as inference, so what is trained is what is served.
 
@@ -107,6 +111,8 @@ class IMRNet(nn.Module):
 
 def pool_logits(logits: Tensor, item_ids: Tensor, n_items: int, mode: str) -> Tensor:
     """Pool window logits (W,) or (W, L) into item logits (N,) or (N, L); differentiable."""
+    if mode == "mean_last":
+        return pool_logits(logits, item_ids, n_items, "mean") + pool_logits(logits, item_ids, n_items, "last")
     shape = (n_items,) + tuple(logits.shape[1:])
     index = item_ids.view(-1, *([1] * (logits.dim() - 1))).expand_as(logits)
     if mode == "max":
@@ -128,7 +134,12 @@ def pool_logits(logits: Tensor, item_ids: Tensor, n_items: int, mode: str) -> Te
         peak = peak.detach()  # a constant shift for stability; the gradient does not need it
         summed = logits.new_zeros(shape).index_add_(0, item_ids, torch.exp(logits - peak[item_ids]))
         return torch.log(summed / counts) + peak
-    raise ValueError(f"unknown pooling {mode!r}; valid: max, mean, logsumexp, last")
+    raise ValueError(f"unknown pooling {mode!r}; valid: max, mean, logsumexp, last, mean_last")
+
+
+def bias_multiplicity(mode: str) -> int:
+    """How often a window head's bias enters the pooled item logit: 2 for `mean_last`, else 1."""
+    return 2 if mode == "mean_last" else 1
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from imr_model.baseline import TfidfFeatures, fit_binary_logistic
-from imr_model.calibration import calibrate
-from imr_model.config import TrainConfig
+from imr_model.calibration import calibrate, calibrate_outcome
+from imr_model.config import LINEAR_POOLINGS, TrainConfig
 from imr_model.cues import cue_matrix, label_cue_columns
 from imr_model.metrics import guideline_metrics, outcome_metrics
-from imr_model.modeling import IMRClassifier, Windows, pool_logits
+from imr_model.modeling import IMRClassifier, Windows, bias_multiplicity, pool_logits
 from imr_model.progress import progress_bar
 
 EpochCallback = Callable[[int, dict], None]
@@ -59,6 +59,12 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+
+def concat_splits(a: Split, b: Split) -> Split:
+    """The items of `a` then those of `b` (groups kept when both have them)."""
+    groups = a.groups + b.groups if a.groups is not None and b.groups is not None else None
+    return Split(list(a.texts) + list(b.texts), np.concatenate([a.y, b.y]), np.concatenate([a.Y, b.Y]), groups=groups)
 
 
 class Scorer(Protocol):
@@ -290,13 +296,16 @@ def _window_vectors(clf: IMRClassifier, windows: Windows, batch_size: int) -> tu
 
 
 def refit_outcome_head(clf: IMRClassifier, windows: Windows, split: Split, cfg: TrainConfig,
-                       vectors: torch.Tensor | None = None) -> dict:  # fmt: skip
+                       vectors: torch.Tensor | None = None) -> tuple[dict, np.ndarray | None]:  # fmt: skip
     """Refit the outcome head as an L2 logistic regression on the encoder's pooled vectors; C by grouped CV.
+
+    Returns what was chosen (JSON-ready) and the grouped out-of-fold logits at the chosen C (NaN for
+    items whose fold could not be fit; None without folds), which `train.fit_on_validation` calibrates on.
 
     With ~200 training items and ~25 Overturned, fine-tuning 22M parameters on a view without the
     verdict learns noise: on the shared letters (grouped 5-fold CV) the fine-tuned masked model
     reached AUROC .63, while a strongly regularised logistic regression on the frozen encoder's
-    mean sentence vectors reached .81. The head is linear and the pooling (`mean` or `last`) is
+    mean sentence vectors reached .81. The head is linear and the pooling (`mean`, `last` or `mean_last`) is
     linear in the window vectors, so the regression on item vectors *is* the head: its weights
     (standardisation folded in) replace the head's. C is chosen from `train.outcome_head_Cs` by
     pooled out-of-fold AUROC over letters (`split.groups`; items when groups are unknown).
@@ -306,8 +315,8 @@ def refit_outcome_head(clf: IMRClassifier, windows: Windows, split: Split, cfg: 
     from sklearn.model_selection import GroupKFold
 
     mode = clf.config.pooling
-    if mode not in ("mean", "last"):
-        raise ValueError(f"train.outcome_head=logistic needs model.pooling mean or last, not {mode!r}")
+    if mode not in LINEAR_POOLINGS:
+        raise ValueError(f"train.outcome_head=logistic needs model.pooling {', '.join(LINEAR_POOLINGS)}, not {mode!r}")
     if vectors is None:
         vectors = _window_vectors(clf, windows, cfg.train.eval_batch_size)[0]
     X = pool_logits(vectors.double(), windows.item_ids, len(split), mode).numpy()  # pooling is linear: pool vectors
@@ -317,24 +326,28 @@ def refit_outcome_head(clf: IMRClassifier, windows: Windows, split: Split, cfg: 
     groups = _groups(split)
     k = min(5, len(set(groups.tolist())), int(y.sum()), int(len(y) - y.sum()))
     scores: dict[float, float] = {}
+    oof_by_C: dict[float, np.ndarray] = {}
     if k >= 2:
         folds = list(GroupKFold(n_splits=k).split(Z, y, groups))
         for C in cfg.train.outcome_head_Cs:
-            oof = np.zeros(len(y))
+            oof = np.full(len(y), np.nan)
             for tr, te in folds:
                 if len(set(y[tr].tolist())) < 2:
                     continue
                 model = LogisticRegression(C=C, max_iter=5000).fit(Z[tr], y[tr])
                 oof[te] = model.decision_function(Z[te])
-            scores[C] = float(roc_auc_score(y, oof))
+            scored = ~np.isnan(oof)
+            scores[C] = float(roc_auc_score(y[scored], oof[scored])) if len(set(y[scored].tolist())) == 2 else 0.5
+            oof_by_C[C] = oof
     best_C = max(scores, key=lambda c: (scores[c], -c)) if scores else min(cfg.train.outcome_head_Cs)
     model = LogisticRegression(C=best_C, max_iter=5000).fit(Z, y)
     w = model.coef_[0] / sd
     b = float(model.intercept_[0] - np.dot(w, mu))
     with torch.no_grad():
         clf.net.outcome_head.weight.copy_(torch.as_tensor(w, dtype=torch.float32).view(1, -1))
-        clf.net.outcome_head.bias.fill_(b)
-    return {"C": best_C, "cv_auroc_by_C": {str(c): v for c, v in scores.items()}, "folds": k}
+        clf.net.outcome_head.bias.fill_(b / bias_multiplicity(mode))
+    info = {"C": best_C, "cv_auroc_by_C": {str(c): v for c, v in scores.items()}, "folds": k}
+    return info, oof_by_C.get(best_C)
 
 
 def _scales(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -380,7 +393,7 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
 
     Features: the pooled mean window vectors (standardised), the citation cues and the TF-IDF vector
     (whichever the model has), weighted as `VECTOR_BLOCK_WEIGHT` / `CUE_BLOCK_WEIGHT` say. With
-    `mean`/`last` pooling the head is linear in the pooled vector, so the regression's weights *are*
+    `mean`/`last`/`mean_last` pooling the head is linear in the pooled vector, so the regression's weights *are*
     the head's (standardisation folded in), the cue term's and the TF-IDF term's. C is chosen from
     `train.guideline_head_Cs` by pooled out-of-fold micro-F1 at 0.5 over letters (`split.groups`).
     Balanced class weights put each label's decision point at probability 0.5, so the thresholds stay
@@ -400,8 +413,8 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
     from sklearn.metrics import f1_score
     from sklearn.model_selection import GroupKFold
 
-    if clf.config.guideline_pool not in ("mean", "last"):
-        raise ValueError(f"train.guideline_head=logistic needs model.guideline_pooling mean or last, "
+    if clf.config.guideline_pool not in LINEAR_POOLINGS:
+        raise ValueError(f"train.guideline_head=logistic needs model.guideline_pooling {', '.join(LINEAR_POOLINGS)}, "
                          f"not {clf.config.guideline_pool!r}")  # fmt: skip
     if vectors is None:
         vectors = _window_vectors(clf, windows, cfg.train.eval_batch_size)[1]
@@ -433,7 +446,7 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
     net, offset, applied = clf.net, H, {}
     with torch.no_grad():
         net.guideline_head.weight.copy_(t(w_vec))
-        net.guideline_head.bias.copy_(t(b - w_vec @ mu))
+        net.guideline_head.bias.copy_(t((b - w_vec @ mu) / bias_multiplicity(clf.config.guideline_pool)))
         if net.guideline_cues is not None:
             n = net.guideline_cues.in_features
             cue_w = W[:, offset : offset + n] * CUE_BLOCK_WEIGHT
@@ -525,6 +538,8 @@ def train_classifier(
         raise ValueError(f"train.Y has {train.Y.shape[1]} label columns but {len(label_names)} label names")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.fit_on_validation:  # nothing is early-stopped: the heads are fit on both, calibrated out of fold
+        train = concat_splits(train, val)
     seed_everything(cfg.seed)
     tfidf = None
     if cfg.model.guideline_tfidf:
@@ -564,10 +579,21 @@ def train_classifier(
         clf.metrics["guideline_head_refit"] = refit_guideline_head(clf, trainer.windows, train, w_val, val, cfg, vectors[1])
     with torch.no_grad():
         clf.net.outcome_head.bias -= math.log(pos_weight)  # undo the prior shift pos_weight taught the head
+    oof = None
     if cfg.train.outcome_head == "logistic":
-        clf.metrics["outcome_head_refit"] = refit_outcome_head(clf, trainer.windows, train, cfg, vectors[0])
-    calibrate(clf, w_val, val, cfg.train.eval_batch_size, cfg.train.threshold_rule,
-              label_thresholds=cfg.train.guideline_head != "logistic")  # fmt: skip
+        clf.metrics["outcome_head_refit"], oof = refit_outcome_head(clf, trainer.windows, train, cfg, vectors[0])
+    if cfg.train.fit_on_validation:
+        if oof is None or np.isnan(oof).any():
+            raise ValueError(f"train.fit_on_validation calibrates on grouped out-of-fold logits, but the {len(train)} "
+                             f"training + validation items ({int(train.y.sum())} Overturned) do not make 2+ folds "
+                             "with both outcomes in every training part; set train.fit_on_validation: false")  # fmt: skip
+        calibrate_outcome(clf, oof, train.y, cfg.train.threshold_rule)
+        clf.guideline_thresholds = np.full(len(label_names), 0.5)
+        clf.metrics["calibrated_on"] = f"grouped out-of-fold logits of {len(train)} train + validation items"
+    else:
+        calibrate(clf, w_val, val, cfg.train.eval_batch_size, cfg.train.threshold_rule,
+                  label_thresholds=cfg.train.guideline_head != "logistic")  # fmt: skip
+        clf.metrics["calibrated_on"] = f"{len(val)} validation items"
     clf.metrics.update({"best_epoch": best_epoch, "pos_weight": pos_weight})
     clf.net.eval()
     return clf, history

@@ -49,7 +49,7 @@ def test_completeness_single_window(clf, text):
     assert float(o[0]) == pytest.approx(float(fx[0]), abs=1e-4)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "logsumexp", "max", "last"])
+@pytest.mark.parametrize("pooling", ["mean", "logsumexp", "max", "last", "mean_last"])
 def test_completeness_over_windows(tmp_path, pooling):
     clf = IMRClassifier.from_pretrained(tiny_model(tmp_path / "m", seed=5, pooling=pooling))
     text = " ".join(TEXTS * 3)  # ~110 tokens: 3 overlapping windows of 64
@@ -84,6 +84,7 @@ def test_pooling_weights():
     assert pooling_weights(z, "max").tolist() == [0.0, 1.0, 0.0]
     assert pooling_weights(z, "last").tolist() == [0.0, 0.0, 1.0]
     assert pooling_weights(z, "mean").tolist() == pytest.approx([1 / 3] * 3)
+    assert pooling_weights(z, "mean_last").tolist() == pytest.approx([1 / 3, 1 / 3, 4 / 3])
     lse = pooling_weights(z, "logsumexp")
     assert lse.sum() == pytest.approx(1.0) and lse.argmax() == 1
     with pytest.raises(ValueError, match="valid: max, mean, logsumexp"):

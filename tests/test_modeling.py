@@ -53,6 +53,8 @@ def test_pooling_modes():
     items = torch.tensor([0, 0, 1, 2])
     assert pool_logits(logits, items, 3, "max").tolist() == [3.0, -2.0, 0.5]
     assert pool_logits(logits, items, 3, "mean").tolist() == [2.0, -2.0, 0.5]
+    assert pool_logits(logits, items, 3, "last").tolist() == [3.0, -2.0, 0.5]
+    assert pool_logits(logits, items, 3, "mean_last").tolist() == [5.0, -4.0, 1.0]
     lse = pool_logits(logits, items, 3, "logsumexp")
     assert lse[0].item() == pytest.approx(np.log((np.exp(1) + np.exp(3)) / 2), rel=1e-5)
     assert 2.0 < lse[0].item() < 3.0 and lse[1].item() == pytest.approx(-2.0)

@@ -128,28 +128,38 @@ def _planted_split(n_letters: int, label_names, seed: int) -> Split:
     return Split(texts, y, np.zeros((len(texts), len(label_names))), groups=groups)
 
 
-def test_logistic_outcome_head_is_the_regression_on_pooled_vectors(tiny_config, label_names):
+@pytest.mark.parametrize("pooling", ["mean", "mean_last"])
+def test_logistic_outcome_head_is_the_regression_on_pooled_vectors(tiny_config, label_names, pooling):
     """train.outcome_head=logistic: the head's logit is the fitted regression, and it finds a planted word."""
     from imr_model.modeling import IMRClassifier
 
     torch.manual_seed(0)
-    model_cfg = tiny_config.model.model_copy(update={"pooling": "mean", "window_unit": "sentences"})
+    model_cfg = tiny_config.model.model_copy(update={"pooling": pooling, "window_unit": "sentences"})
     cfg = tiny_config.model_copy(update={"model": model_cfg})
     clf = IMRClassifier.build(model_cfg, label_names)
     train, test = _planted_split(30, label_names, 0), _planted_split(15, label_names, 1)
-    info = refit_outcome_head(clf, clf.make_windows(train.texts), train, cfg)
+    info, oof = refit_outcome_head(clf, clf.make_windows(train.texts), train, cfg)
     assert info["C"] in cfg.train.outcome_head_Cs and info["folds"] == 5
-    # Independently: mean of each item's attention-pooled window vectors, through the head's weights.
+    from sklearn.metrics import roc_auc_score
+
+    # the returned out-of-fold logits are those the chosen C was scored on
+    assert oof.shape == (len(train),) and not np.isnan(oof).any()
+    assert roc_auc_score(train.y, oof) == pytest.approx(info["cv_auroc_by_C"][str(info["C"])])
+    # Independently: mean of each item's attention-pooled window vectors (+ its last one for mean_last),
+    # through the head's weights; the window bias enters once per pooled term.
     windows = clf.make_windows(test.texts)
     with torch.no_grad():
         attended, _ = clf.net.encode(windows.input_ids, windows.attention_mask)
     ids = windows.item_ids.numpy()
     X = np.stack([attended[ids == i].mean(dim=0).numpy() for i in range(len(test))])
-    expected = X @ clf.net.outcome_head.weight.detach().numpy()[0] + float(clf.net.outcome_head.bias.detach())
+    n_terms = 1
+    if pooling == "mean_last":
+        assert all((ids == i).sum() >= 2 for i in range(len(test)))  # else last and mean coincide
+        X = X + np.stack([attended[ids == i][-1].numpy() for i in range(len(test))])
+        n_terms = 2
+    expected = X @ clf.net.outcome_head.weight.detach().numpy()[0] + n_terms * float(clf.net.outcome_head.bias.detach())
     logits, _ = clf.predict_logits(test.texts)
     assert np.allclose(logits, expected, atol=1e-3)
-    from sklearn.metrics import roc_auc_score
-
     assert roc_auc_score(test.y, logits) > 0.9  # the planted word separates unseen items
 
 
@@ -232,19 +242,47 @@ def test_logistic_guideline_head_is_the_joint_regression(tiny_config, label_name
         assert np.allclose(loaded.predict_logits(test.texts)[1], shifted, atol=1e-5)
 
 
+def test_fit_on_validation_fits_heads_on_both_and_calibrates_out_of_fold(tiny_config, label_names):
+    """train.fit_on_validation: same heads as training on train + validation; temperature/threshold from OOF logits."""
+    from imr_model.calibration import fit_temperature, fit_threshold
+    from imr_model.training import concat_splits
+
+    update = {"epochs": 0, "head_epochs": 0, "outcome_head": "logistic", "guideline_head": "logistic"}
+    model_cfg = tiny_config.model.model_copy(update={"pooling": "mean_last", "guideline_pooling": "mean",
+                                                     "window_unit": "sentences"})  # fmt: skip
+    base = tiny_config.model_copy(update={"model": model_cfg, "train": tiny_config.train.model_copy(update=update)})
+    on_val = base.model_copy(update={"train": base.train.model_copy(update={"fit_on_validation": True})})
+    train, val = _planted_split(30, label_names, 0), _planted_split(10, label_names, 1)
+    val.groups = [f"V{g}" for g in val.groups]  # other letters than the training split's
+    clf, _ = train_classifier(on_val, train, val, label_names, quiet=True)
+    both = concat_splits(train, val)
+    ref, _ = train_classifier(base, both, val, label_names, quiet=True)  # heads fit on the same 80 items
+    assert torch.equal(clf.net.outcome_head.weight, ref.net.outcome_head.weight)
+    assert torch.equal(clf.net.guideline_head.weight, ref.net.guideline_head.weight)
+    assert clf.metrics["calibrated_on"].endswith(f"{len(both)} train + validation items")
+    _, oof = refit_outcome_head(ref, ref.make_windows(both.texts), both, base)
+    assert clf.temperature == pytest.approx(fit_temperature(oof, both.y))
+    assert clf.temperature != pytest.approx(ref.temperature)  # the reference calibrated on validation instead
+    p = 1 / (1 + np.exp(-oof / clf.temperature))
+    assert clf.outcome_threshold == pytest.approx(fit_threshold(both.y, p, base.train.threshold_rule))
+    assert np.all(clf.guideline_thresholds == 0.5)
+
+
 def test_head_config_errors():
     from imr_model.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="pooling mean or last"):
+    with pytest.raises(ConfigError, match="pooling mean, last or mean_last"):
         load_config("tiny", ["train.outcome_head=logistic", "model.pooling=max"])
     with pytest.raises(ConfigError, match="outcome_head: logistic"):
         load_config("tiny", ["train.epochs=0"])
-    with pytest.raises(ConfigError, match="guideline_pooling mean or last"):
+    with pytest.raises(ConfigError, match="guideline_pooling mean, last or mean_last"):
         load_config("tiny", ["train.guideline_head=logistic", "train.head_epochs=0", "model.guideline_pooling=max"])
     with pytest.raises(ConfigError, match="head_epochs: 0"):
         load_config("tiny", ["train.guideline_head=logistic", "model.guideline_pooling=mean"])
     with pytest.raises(ConfigError, match="guideline_tfidf.*guideline_head: logistic"):
         load_config("tiny", ["model.guideline_tfidf=true"])
+    with pytest.raises(ConfigError, match="fit_on_validation needs train.epochs: 0"):
+        load_config("tiny", ["train.fit_on_validation=true"])
 
 
 def test_train_classifier_input_errors(tiny_config, label_names):
@@ -298,6 +336,30 @@ def test_run_training_without_mlflow_saves_model_and_baseline(tiny_config, tmp_p
     assert json.loads(out.read_text())["evaluation"]["model"]["outcome"]["n"] == evaluation["n_items"]
     bad = CliRunner().invoke(app, ["train", "--config", "tiny", "--set", "train.epoch=2"])
     assert bad.exit_code == 2 and "unknown key 'train.epoch'" in bad.output
+
+
+def test_run_training_fit_on_validation_reports_held_out_rows_only(tiny_config, tmp_path, label_names):
+    """The masked/forecast setup: no fine-tuning, heads and baseline fit on train + validation, test rows only."""
+    from imr_model.config import load_config
+    from imr_model.experiment import fit_baseline
+
+    cfg = load_config("tiny", [f"output_dir={tiny_config.output_dir}", "mlflow.enabled=false", "train.epochs=0",
+                               "train.head_epochs=0", "train.outcome_head=logistic", "train.guideline_head=logistic",
+                               "train.fit_on_validation=true", "model.pooling=mean_last",
+                               "model.guideline_pooling=mean", "model.window_unit=sentences"])  # fmt: skip
+    result = run_training(cfg, None, quiet=True)
+    assert "test" in result.metrics and "validation" not in result.metrics  # validation items were fit on
+    assert "test/model" in result.table and "validation/" not in result.table
+    assert "train + validation items" in result.metrics["calibrated_on"]
+    # the baseline saw the validation items too: a word only they contain is in its vocabulary
+    train, val = _planted_split(20, label_names, 0), _planted_split(8, label_names, 1)
+    val.texts = [t + " Quixotrel was noted." for t in val.texts]
+    val.groups = [f"V{g}" for g in val.groups]
+    baseline = fit_baseline(cfg, train, val, label_names)
+    assert "quixotrel" in baseline.vocabulary
+    assert baseline.outcome_threshold == 0.5 and np.all(baseline.guideline_thresholds == 0.5)
+    off = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fit_on_validation": False})})
+    assert "quixotrel" not in fit_baseline(off, train, val, label_names).vocabulary
 
 
 @pytest.mark.slow
