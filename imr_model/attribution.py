@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from captum.attr import LayerIntegratedGradients
 
+from imr_model.config import LINEAR_POOLINGS, POOLINGS
+
 OUTCOME = "outcome"
 DEFAULT_STEPS = 32
 _WORD = re.compile(r"\S+")
@@ -136,7 +138,7 @@ def attribute_many(
         return outcome if column is None else guidelines[:, column]  # (rows,)
 
     pooling = classifier.config.pooling if column is None else classifier.config.guideline_pool
-    if pooling in ("last", "mean", "mean_last"):  # the weights do not depend on the logits: skip a forward of every window
+    if pooling in LINEAR_POOLINGS:  # the weights do not depend on the logits: skip a forward of every window
         window_logits = np.zeros(len(windows), dtype=np.float64)
     else:
         o, g = classifier.forward_windows(windows)
@@ -199,7 +201,7 @@ def pooling_weights(window_logits: np.ndarray, pooling: str) -> np.ndarray:
     if pooling == "logsumexp":
         e = np.exp(z - z.max())
         return e / e.sum()
-    raise ValueError(f"unknown pooling {pooling!r}; valid: max, mean, logsumexp, last, mean_last")
+    raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
 
 
 def merge_words(text: str, token_scores: np.ndarray, offsets: np.ndarray) -> tuple[WordScore, ...]:

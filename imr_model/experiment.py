@@ -128,11 +128,11 @@ def fit_baseline(cfg: TrainConfig, train: Split, val: Split, label_names: Sequen
     groups = np.asarray(both.groups if both.groups is not None else np.arange(len(both)))
     k = min(5, len(set(groups.tolist())))
     oof = np.zeros(len(both))
-    for tr, te in GroupKFold(n_splits=k).split(both.texts, both.y, groups):
+    for tr, te in GroupKFold(n_splits=k).split(both.texts, both.y, groups) if k >= 2 else ():
         part = Split([both.texts[i] for i in tr], both.y[tr], both.Y[tr])
         oof[te] = _fit_baseline_on(cfg, part, label_names).decision_function([both.texts[i] for i in te])[0]
     model = _fit_baseline_on(cfg, both, label_names)
-    model.temperature = fit_temperature(oof, both.y)
+    model.temperature = fit_temperature(oof, both.y) if k >= 2 else 1.0
     model.outcome_threshold, model.guideline_thresholds = 0.5, np.full(len(label_names), 0.5)
     return model
 

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from imr_model.baseline import TfidfFeatures
-from imr_model.config import ModelConfig, hub_offline, resolve_backbone
+from imr_model.config import POOLINGS, ModelConfig, hub_offline, resolve_backbone
 from imr_model.cues import cue_matrix, cue_names, cue_version
 from imr_model.windows import Windows, make_windows  # noqa: F401 - Windows is part of this module's API
 
@@ -134,7 +134,7 @@ def pool_logits(logits: Tensor, item_ids: Tensor, n_items: int, mode: str) -> Te
         peak = peak.detach()  # a constant shift for stability; the gradient does not need it
         summed = logits.new_zeros(shape).index_add_(0, item_ids, torch.exp(logits - peak[item_ids]))
         return torch.log(summed / counts) + peak
-    raise ValueError(f"unknown pooling {mode!r}; valid: max, mean, logsumexp, last, mean_last")
+    raise ValueError(f"unknown pooling {mode!r}; valid: {', '.join(POOLINGS)}")
 
 
 def bias_multiplicity(mode: str) -> int:
