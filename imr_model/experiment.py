@@ -125,7 +125,7 @@ def fit_baseline(cfg: TrainConfig, train: Split, val: Split, label_names: Sequen
     from imr_model.calibration import fit_temperature
 
     both = concat_splits(train, val)
-    groups = np.asarray(both.groups if both.groups is not None else np.arange(len(both)))
+    groups = both.group_ids
     k = min(5, len(set(groups.tolist())))
     oof = np.zeros(len(both))
     for tr, te in GroupKFold(n_splits=k).split(both.texts, both.y, groups) if k >= 2 else ():

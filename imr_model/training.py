@@ -60,6 +60,11 @@ class Split:
     def __len__(self) -> int:
         return len(self.texts)
 
+    @property
+    def group_ids(self) -> np.ndarray:
+        """The letter of each item for grouped folds; each item its own group when letters are unknown."""
+        return np.asarray(self.groups if self.groups is not None else np.arange(len(self)))
+
 
 def concat_splits(a: Split, b: Split) -> Split:
     """The items of `a` then those of `b` (groups kept when both have them)."""
@@ -323,7 +328,7 @@ def refit_outcome_head(clf: IMRClassifier, windows: Windows, split: Split, cfg: 
     y = split.y
     mu, sd = _scales(X)
     Z = (X - mu) / sd
-    groups = _groups(split)
+    groups = split.group_ids
     k = min(5, len(set(groups.tolist())), int(y.sum()), int(len(y) - y.sum()))
     scores: dict[float, float] = {}
     oof_by_C: dict[float, np.ndarray] = {}
@@ -358,10 +363,6 @@ def _scales(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     mu, sd = X.mean(axis=0), X.std(axis=0)
     return mu, np.maximum(sd, 0.1 * float(np.median(sd)) + 1e-12)
-
-
-def _groups(split: Split) -> np.ndarray:
-    return np.asarray(split.groups if split.groups is not None else np.arange(len(split)))
 
 
 # Weights of the blocks of the joint guideline regression: standardised encoder vectors × 0.5/sqrt(H),
@@ -422,7 +423,7 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
     mu, sd = _scales(pooled)
     F = guideline_features(clf, pooled, split.texts, (mu, sd))
     Y, seed = split.Y, cfg.seed
-    groups = _groups(split)
+    groups = split.group_ids
     k = min(5, len(set(groups.tolist())))
     Cs = list(cfg.train.guideline_head_Cs)
     scores: dict[float, float] = {}
@@ -549,7 +550,7 @@ def train_classifier(
     freeze_lower_layers(clf.net, cfg.model.freeze_layers, embeddings=cfg.model.freeze_embeddings)
     pos_weight = resolve_pos_weight(cfg.train.pos_weight, train.y)
     trainer = _Trainer(cfg, clf, train, pos_weight)
-    w_val = clf.make_windows(val.texts)
+    w_val = None if cfg.train.fit_on_validation else clf.make_windows(val.texts)  # fit_on_validation: no epochs
     metric, history = cfg.train.early_stopping_metric, []
     best_value, best_state, best_epoch, waited = None, None, 0, 0
     for epoch in range(1, cfg.train.epochs + 1):
