@@ -18,6 +18,12 @@ For one item text:
    so scores still add up (completeness): Σ word scores = Σ_w weight_w·(F_w(x) − F_w(baseline)) −
    `delta`, where `delta` is Captum's convergence delta (weighted the same way).
 
+5. With evidence cues (`model.outcome_cues`), the outcome logit also holds the item-level term v·e(text)
+   (imr_model/cues.py; zero for a text without words). Its share goes to the words that made it: pattern
+   k's v_k·log(1 + n_k) is split evenly over its n_k matches and each match's share over the words it
+   overlaps; `log_words`'s v·log(W) is split evenly over the W words. So completeness covers the whole
+   outcome logit. The guideline logits' item-level terms (citation cues, TF-IDF) are not attributed.
+
 Scores are in raw logit units (before temperature scaling); positive pushes towards the target
 (Overturned for `target="outcome"`, or the named guideline label).
 """
@@ -172,13 +178,38 @@ def attribute_many(
         scores[group, :width] = token_scores * weights[group, None]
         deltas[group] = delta.detach().double().cpu().numpy() * weights[group]
         start += len(group)
+    evidence = None  # the outcome's evidence-cue weights (model.outcome_cues), attributed after the windows
+    if column is None and net.outcome_cues is not None:
+        evidence = net.outcome_cues.weight.detach().double().cpu().numpy()[0]
     out = []
     for item, text in enumerate(texts):
         rows = np.flatnonzero((owners == item) & (weights > 0))
-        out.append(Attribution(target, text_view or classifier.config.text_view, text,
-                               merge_words(text, scores[rows], windows.offsets[rows].numpy()), float(deltas[rows].sum()),
+        words = merge_words(text, scores[rows], windows.offsets[rows].numpy())
+        if evidence is not None:
+            words = add_evidence_scores(text, words, evidence)
+        out.append(Attribution(target, text_view or classifier.config.text_view, text, words, float(deltas[rows].sum()),
                                n_steps))  # fmt: skip
     return out
+
+
+def add_evidence_scores(text: str, words: tuple[WordScore, ...], weights: np.ndarray) -> tuple[WordScore, ...]:
+    """Add the evidence-cue term v·e(text) to the words that made it (module docstring, step 5).
+
+    `weights`: the model's evidence weights v in `cues.evidence_names` order (patterns, then `log_words`).
+    """
+    from imr_model.cues import evidence_spans
+
+    extra = np.zeros(len(words), dtype=np.float64)
+    starts = np.array([w.start for w in words], dtype=np.int64)
+    ends = np.array([w.end for w in words], dtype=np.int64)
+    for v, spans in zip(weights[:-1], evidence_spans(text)):
+        for s, e in spans:
+            hit = np.flatnonzero((starts < e) & (ends > s))
+            if len(hit):
+                extra[hit] += v * np.log1p(len(spans)) / len(spans) / len(hit)
+    if len(words):
+        extra += weights[-1] * np.log(len(words)) / len(words)
+    return tuple(WordScore(w.word, w.start, w.end, w.score + float(x)) for w, x in zip(words, extra))
 
 
 def pooling_weights(window_logits: np.ndarray, pooling: str) -> np.ndarray:

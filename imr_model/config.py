@@ -56,6 +56,9 @@ class ModelConfig(_Section):
     freeze_layers: int = Field(0, ge=0)  # embeddings + this many lower encoder layers get no updates
     freeze_embeddings: bool = False  # token/position embeddings get no updates (saves ~half the optimizer work)
     guideline_cues: bool = False  # add a linear term on citation cues (imr_model/cues.py) to the guideline logits
+    # add a linear term on evidence cues (imr_model/cues.py: "there is no documentation of ...", log words) to the
+    # outcome logit; fit with the head by train.outcome_head: logistic
+    outcome_cues: bool = False
     # add a linear term on the text's TF-IDF vector (vocabulary fit on the training texts) to the guideline logits;
     # needs train.guideline_head: logistic, which fits it together with the head
     guideline_tfidf: bool = False
@@ -69,6 +72,8 @@ class ModelConfig(_Section):
     encoder_config: dict[str, Any] = Field(default_factory=dict)  # resolved transformers config
     cue_names: list[str] = Field(default_factory=list)  # the citation cues the guideline head was built with
     cue_version: int = 0  # version of resources/cues.yaml those cues came from
+    outcome_cue_names: list[str] = Field(default_factory=list)  # the evidence cues the outcome head was built with
+    outcome_cue_version: int = 0  # evidence_version of resources/cues.yaml
     version: str = ""
     data_digest: str = ""
     package_version: str = ""
@@ -211,11 +216,14 @@ class TrainConfig(_Section):
                                  "train.guideline_head: logistic the head is refit instead: set head_epochs: 0")  # fmt: skip
         elif self.model.guideline_tfidf:
             raise ValueError("model.guideline_tfidf: true is fit by train.guideline_head: logistic; set it")
+        if self.model.outcome_cues and self.train.outcome_head != "logistic":
+            raise ValueError("model.outcome_cues: true is fit by train.outcome_head: logistic; set it")
         return self
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view for MLflow params (`train.epochs` → 6); never holds letter text."""
-        return flatten(self.model_dump(exclude={"model": {"label_names", "encoder_config", "cue_names", "cue_version"}}))
+        return flatten(self.model_dump(exclude={"model": {"label_names", "encoder_config", "cue_names", "cue_version",
+                                                              "outcome_cue_names", "outcome_cue_version"}}))
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:

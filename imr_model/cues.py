@@ -11,6 +11,10 @@ the guideline head also gets a linear term on these cues (`ModelConfig.guideline
 * ``no_source``, ``odg_not_mtus``, ``mtus_not_odg``, ``short_text``;
 * ``taxonomy:<label>``: the citation matcher of `imr_model.taxonomy` fires on the text.
 
+*Evidence cues* (`ModelConfig.outcome_cues`) are the outcome head's counterpart: log(1 + matches) of
+phrases in which a reviewer weighs the record ("there is no documentation of ...", "failed", "however")
+and log(words), for the view whose verdict sentences are masked (`evidence_matrix`).
+
 Patterns are data (`resources/cues.yaml`, versioned). On the shared letters (grouped 5-fold CV,
 TF-IDF + logistic regression on the rationale) adding them moved guideline micro-F1 from .761 to
 .805. Models store the cue names and version they were trained with, and refuse to load against other cues.
@@ -18,8 +22,9 @@ TF-IDF + logistic regression on the rationale) adding them moved guideline micro
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Sequence
@@ -38,6 +43,16 @@ class Cues:
     mentions: dict[str, re.Pattern]
     body_parts: dict[str, re.Pattern]
     label_cues: dict[str, list[str]]
+    evidence_version: int = 0
+    evidence: dict[str, re.Pattern] = field(default_factory=dict)
+
+    @property
+    def evidence_names(self) -> list[str]:
+        return [f"evidence:{k}" for k in self.evidence] + ["log_words"]
+
+    def evidence_features(self, text: str) -> list[float]:
+        counts = [sum(1 for _ in p.finditer(text)) for p in self.evidence.values()]
+        return [math.log1p(c) for c in counts] + [math.log(max(len(text.split()), 1))]
 
     @property
     def names(self) -> list[str]:
@@ -72,7 +87,8 @@ def load_cues() -> Cues:
         return {name: re.compile(pattern, re.I) for name, pattern in (raw.get(section) or {}).items()}
 
     cues = Cues(version=int(raw["version"]), mentions=compile_all("mentions"), body_parts=compile_all("body_parts"),
-                label_cues={k: list(v) for k, v in (raw.get("label_cues") or {}).items()})  # fmt: skip
+                label_cues={k: list(v) for k, v in (raw.get("label_cues") or {}).items()},
+                evidence_version=int(raw.get("evidence_version", 0)), evidence=compile_all("evidence"))  # fmt: skip
     unknown = [f"{label}: {c}" for label, cs in cues.label_cues.items() for c in cs if c not in cues.names]
     unknown += [label for label in cues.label_cues if label not in LABELS]
     if unknown:
@@ -103,3 +119,26 @@ def cue_matrix(texts: Sequence[str]) -> np.ndarray:
     if not texts:
         return np.zeros((0, len(cues.names)), dtype=np.float32)
     return np.asarray([cues.features(t) for t in texts], dtype=np.float32)
+
+
+def evidence_names() -> list[str]:
+    """Names of the evidence cue columns, in order (a model directory records them with `evidence_version`)."""
+    return load_cues().evidence_names
+
+
+def evidence_version() -> int:
+    """Version of the evidence patterns in `resources/cues.yaml`: bumped whenever one changes."""
+    return load_cues().evidence_version
+
+
+def evidence_matrix(texts: Sequence[str]) -> np.ndarray:
+    """(N, E) float32 matrix of evidence cues for `texts`: log(1 + matches) per pattern, then log(words)."""
+    cues = load_cues()
+    if not texts:
+        return np.zeros((0, len(cues.evidence_names)), dtype=np.float32)
+    return np.asarray([cues.evidence_features(t) for t in texts], dtype=np.float32)
+
+
+def evidence_spans(text: str) -> list[list[tuple[int, int]]]:
+    """Character spans of each evidence pattern's matches in `text`, in `evidence_names` order (without `log_words`)."""
+    return [[m.span() for m in p.finditer(text)] for p in load_cues().evidence.values()]

@@ -147,6 +147,7 @@ class Predictor:
             "guideline_pooling": cfg.guideline_pool,
             "window_unit": cfg.window_unit,
             "citation_cues": len(cfg.cue_names),  # 0 = the guideline head has no cue term
+            "evidence_cues": len(cfg.outcome_cue_names),  # 0 = the outcome head has no cue term
             "guideline_tfidf_terms": len(self.classifier.tfidf) if self.classifier.tfidf is not None else 0,
             "max_length": cfg.max_length,
             "stride": cfg.stride,

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from imr_model.baseline import TfidfFeatures
 from imr_model.config import POOLINGS, ModelConfig, hub_offline, resolve_backbone
-from imr_model.cues import cue_matrix, cue_names, cue_version
+from imr_model.cues import cue_matrix, cue_names, cue_version, evidence_matrix, evidence_names, evidence_version
 from imr_model.windows import Windows, make_windows  # noqa: F401 - Windows is part of this module's API
 
 CONFIG_FILE = "config.json"
@@ -70,7 +70,8 @@ class IMRNet(nn.Module):
     per-label attention (CAML-style) did worse on the shared letters.
     """
 
-    def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1, n_cues: int = 0, n_tfidf: int = 0):
+    def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1, n_cues: int = 0, n_tfidf: int = 0,
+                 n_outcome_cues: int = 0):  # fmt: skip
         super().__init__()
         self.encoder = encoder
         hidden = int(encoder.config.hidden_size)
@@ -84,6 +85,10 @@ class IMRNet(nn.Module):
         self.guideline_cues = nn.Linear(n_cues, n_labels, bias=False) if n_cues else None
         if self.guideline_cues is not None:
             nn.init.zeros_(self.guideline_cues.weight)
+        # Item-level linear term on evidence cues (`model.outcome_cues`), added to the pooled outcome logit.
+        self.outcome_cues = nn.Linear(n_outcome_cues, 1, bias=False) if n_outcome_cues else None
+        if self.outcome_cues is not None:
+            nn.init.zeros_(self.outcome_cues.weight)
         # Item-level linear term on the text's TF-IDF vector (`model.guideline_tfidf`); idf kept beside it.
         self.guideline_tfidf = nn.Linear(n_tfidf, n_labels, bias=False) if n_tfidf else None
         if self.guideline_tfidf is not None:
@@ -261,9 +266,13 @@ class IMRClassifier:
         tfidf = tfidf if config.guideline_tfidf else None
         encoder, tokenizer = build_encoder(config)
         cues = cue_names() if config.guideline_cues else []
+        evidence = evidence_names() if config.outcome_cues else []
         config = config.model_copy(update={"label_names": list(label_names), "encoder_config": encoder.config.to_dict(),
-                                           "cue_names": cues, "cue_version": cue_version() if cues else 0})  # fmt: skip
-        net = IMRNet(encoder, len(label_names), config.dropout, len(cues), len(tfidf) if tfidf is not None else 0)
+                                           "cue_names": cues, "cue_version": cue_version() if cues else 0,
+                                           "outcome_cue_names": evidence,
+                                           "outcome_cue_version": evidence_version() if evidence else 0})  # fmt: skip
+        net = IMRNet(encoder, len(label_names), config.dropout, len(cues), len(tfidf) if tfidf is not None else 0,
+                     len(evidence))  # fmt: skip
         if tfidf is None:
             return cls(config, net, tokenizer, device=device)
         with torch.no_grad():
@@ -288,6 +297,10 @@ class IMRClassifier:
         if config.cue_names and (config.cue_names != cue_names() or config.cue_version != cue_version()):
             raise ValueError(f"{path} was trained with citation cues that differ from this imr-model's "
                              "(imr_model/resources/cues.yaml changed). Retrain it with `imr train`.")  # fmt: skip
+        if config.outcome_cue_names and (config.outcome_cue_names != evidence_names()
+                                         or config.outcome_cue_version != evidence_version()):
+            raise ValueError(f"{path} was trained with evidence cues that differ from this imr-model's "
+                             "(imr_model/resources/cues.yaml changed). Retrain it with `imr train`.")  # fmt: skip
         vocabulary, ngram_max = None, 2
         if config.guideline_tfidf:
             record = _read_json(path / TFIDF_FILE)
@@ -295,7 +308,7 @@ class IMRClassifier:
                 raise FileNotFoundError(f"{path} has a guideline TF-IDF term but no {TFIDF_FILE}")
             vocabulary, ngram_max = list(record["vocabulary"]), int(record["ngram_max"])
         net = IMRNet(_encoder_from_config(config.encoder_config), len(config.label_names), config.dropout,
-                     len(config.cue_names), len(vocabulary or []))  # fmt: skip
+                     len(config.cue_names), len(vocabulary or []), len(config.outcome_cue_names))  # fmt: skip
         net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         calibration = _read_json(path / CALIBRATION_FILE) or {}
@@ -398,20 +411,25 @@ class IMRClassifier:
         """Uncalibrated item logits of `texts` from their already-made `windows` (pooled + item-level terms)."""
         o, g = self.forward_windows(windows, batch_size=batch_size, forward=forward)
         o, g = self.pool(o, g, windows.item_ids.numpy(), len(texts))
-        return o, g + self.item_term_logits(texts)
+        o_term, g_term = self.item_term_logits(texts)
+        return o + o_term, g + g_term
 
-    def item_term_logits(self, texts: Sequence[str]) -> np.ndarray:
-        """The guideline logits' item-level terms, (N, L): citation cues and TF-IDF; zeros without either.
+    def item_term_logits(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The item-level terms of the logits: outcome (N,) from evidence cues, guidelines (N, L) from citation
+        cues and TF-IDF; zeros without them.
 
         Both backends add them here, after pooling; attributions explain the pooled window part only.
         """
+        o = np.zeros(len(texts), dtype=np.float32)
+        if self.net.outcome_cues is not None:
+            o += evidence_matrix(texts) @ self.net.outcome_cues.weight.detach().cpu().numpy()[0]
         out = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
         if self.net.guideline_cues is not None:
             out += cue_matrix(texts) @ self.net.guideline_cues.weight.detach().cpu().numpy().T
         if self.tfidf is not None:
             weight = self.net.guideline_tfidf.weight.detach().cpu().numpy().astype(np.float64)
             out += np.asarray(self.tfidf.transform(texts) @ weight.T, dtype=np.float32)
-        return out
+        return o, out
 
     def predict_proba(
         self, texts: Sequence[str], batch_size: int = 32, forward: ForwardFn | None = None

@@ -155,3 +155,34 @@ def test_attribute_many_equals_one_at_a_time(tmp_path):
         assert np.allclose([w.score for w in got.words], [w.score for w in one.words], atol=1e-5)
         assert got.delta == pytest.approx(one.delta, abs=1e-5)
     assert attribute_many(clf, [], n_steps=16) == []
+
+
+def test_evidence_term_goes_to_the_words_that_made_it(tmp_path):
+    """model.outcome_cues: completeness covers pooled windows + v·e(text); a pattern's share lands on its match."""
+    from imr_model.cues import evidence_matrix, evidence_names
+
+    path = tiny_model(tmp_path / "m", seed=4, pooling="mean_last", window_unit="sentences", outcome_cues=True)
+    clf = IMRClassifier.from_pretrained(path)
+    names = evidence_names()
+    v = np.zeros(len(names))
+    v[names.index("evidence:unclear")], v[names.index("log_words")] = -3.0, 0.2
+    with torch.no_grad():
+        clf.net.outcome_cues.weight.copy_(torch.as_tensor(v, dtype=torch.float32).view(1, -1))
+    text = " ".join(TEXTS) + " The benefit is unclear."
+    fx, fb = _baseline_logits(clf, text)
+    a = attribute(clf, text, n_steps=48)
+    term = float(evidence_matrix([text])[0] @ v)
+    assert abs(term) > 0.5  # the check below would not see a missing term
+    expected = float((pooling_weights(fx, "mean_last") * (fx - fb)).sum()) + term
+    assert sum(w.score for w in a.words) == pytest.approx(expected, abs=2e-3 + 0.02 * abs(expected))
+    o, _ = clf.predict_logits([text])  # the logit explained is the one predict() gives
+    assert float(o[0]) == pytest.approx(float((pooling_weights(fx, "mean_last") * fx).sum()) + term, abs=1e-4)
+    plain = IMRClassifier.from_pretrained(path)  # same windows part, no evidence weights
+    gap = {w.start: w.score for w in a.words}
+    for w in attribute(plain, text, n_steps=48).words:
+        gap[w.start] -= w.score
+    unclear = text.rindex("unclear")
+    n_words = len(text.split())
+    for start, g in gap.items():  # each word: its log_words share, and "unclear." also the pattern's whole share
+        share = 0.2 * np.log(n_words) / n_words + (-3.0 * np.log(2) if start == unclear else 0.0)
+        assert g == pytest.approx(share, abs=1e-4)

@@ -44,6 +44,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ("train.pos_weight=-1", "pos_weight"),
         ("model.stride=300", "must be smaller than model.max_length"),
         ("data.val_size=0.9", "data.val_size"),
+        ("model.outcome_cues=true", "model.outcome_cues: true is fit by train.outcome_head: logistic"),
     ],
 )
 def test_bad_values_name_key_and_value(override, fragment):

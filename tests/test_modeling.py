@@ -216,6 +216,48 @@ def test_citation_cue_term_is_added_saved_and_checked(tiny_classifier, tmp_path)
         IMRClassifier.from_pretrained(tmp_path)
 
 
+def test_evidence_cue_term_is_added_saved_and_checked(label_names, tmp_path):
+    """outcome_cues: outcome logits gain evidence @ v (both backends share it); v survives a save; other cues refuse."""
+    from imr_model.config import load_config
+    from imr_model.cues import evidence_matrix, evidence_names
+
+    torch.manual_seed(0)
+    clf = IMRClassifier.build(load_config("tiny", ["model.outcome_cues=true", "train.outcome_head=logistic", "model.pooling=mean"]).model,
+                              label_names)  # fmt: skip
+    assert clf.config.outcome_cue_names == evidence_names() and clf.net.outcome_cues.in_features == len(evidence_names())
+    texts = ["There is no documentation of functional improvement.", "Pain relief was documented. It is [MASK]"]
+    before_o, before_g = clf.predict_logits(texts)
+    assert np.allclose(clf.item_term_logits(texts)[0], 0.0)  # zero at the start
+    with torch.no_grad():
+        clf.net.outcome_cues.weight.copy_(torch.linspace(-1, 1, len(evidence_names())).view(1, -1))
+    after_o, after_g = clf.predict_logits(texts)
+    assert np.allclose(after_o - before_o, evidence_matrix(texts) @ clf.net.outcome_cues.weight.detach().numpy()[0],
+                       atol=1e-5)  # fmt: skip
+    assert not np.allclose(after_o, before_o) and np.array_equal(after_g, before_g)
+    clf.save_pretrained(tmp_path)
+    assert np.allclose(IMRClassifier.from_pretrained(tmp_path).predict_logits(texts)[0], after_o, atol=1e-5)
+    record = json.loads((tmp_path / CONFIG_FILE).read_text())
+    record["outcome_cue_version"] += 1
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="evidence cues that differ.*Retrain"):
+        IMRClassifier.from_pretrained(tmp_path)
+
+
+def test_evidence_features_count_what_they_name():
+    from imr_model.cues import evidence_matrix, evidence_names
+
+    names = evidence_names()
+    text = "There is no documentation of functional improvement. There is no evidence of failed therapy. However, ok."
+    rows = evidence_matrix([text, ""])
+    got = dict(zip(names, rows[0]))
+    assert got["evidence:there_is_no"] == pytest.approx(np.log1p(2))  # log(1 + matches)
+    assert got["evidence:lacking"] == pytest.approx(np.log1p(2)) and got["evidence:failed"] == pytest.approx(np.log(2))
+    assert got["evidence:functional_improvement"] > 0 and got["evidence:contrast"] > 0
+    assert got["evidence:exceeds"] == 0 and got["evidence:unclear"] == 0
+    assert got["log_words"] == pytest.approx(np.log(len(text.split())))
+    assert not rows[1].any() and names[-1] == "log_words" and len(set(names)) == rows.shape[1]
+
+
 def test_cue_features_fire_on_what_they_name():
     from imr_model.cues import cue_matrix, cue_names
 

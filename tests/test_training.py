@@ -163,6 +163,44 @@ def test_logistic_outcome_head_is_the_regression_on_pooled_vectors(tiny_config, 
     assert roc_auc_score(test.y, logits) > 0.9  # the planted word separates unseen items
 
 
+def test_logistic_outcome_head_fits_the_evidence_term(tiny_config, label_names):
+    """model.outcome_cues: the regression also weighs the evidence cues; logit = pooled head + evidence @ v."""
+    from sklearn.metrics import roc_auc_score
+
+    from imr_model.cues import evidence_matrix, evidence_names
+    from imr_model.modeling import IMRClassifier
+
+    torch.manual_seed(0)
+    model_cfg = tiny_config.model.model_copy(update={"pooling": "mean", "window_unit": "sentences", "outcome_cues": True})
+    cfg = tiny_config.model_copy(update={"model": model_cfg})
+
+    def split(n_letters: int, seed: int) -> Split:  # Upheld items say what the record lacks, twice
+        rng = np.random.default_rng(seed)
+        filler = ["The injured worker reports pain in the lower back.", "Physical therapy was completed last year.",
+                  "Medication helps with sleep and daily activity.", "The physician requests a follow-up visit."]  # fmt: skip
+        texts, y = [], []
+        for _ in range(2 * n_letters):
+            label = int(rng.random() < 0.35)
+            sentences = list(rng.choice(filler, size=3, replace=False))
+            if not label:
+                sentences += ["There is no documentation of benefit.", "There is no record of a home program."]
+            texts.append(" ".join(sentences))
+            y.append(label)
+        return Split(texts, y, np.zeros((len(texts), len(label_names))), groups=[f"L{i // 2}" for i in range(len(texts))])
+
+    clf = IMRClassifier.build(model_cfg, label_names)
+    train, test = split(30, 0), split(15, 1)
+    refit_outcome_head(clf, clf.make_windows(train.texts), train, cfg)
+    v = dict(zip(evidence_names(), clf.net.outcome_cues.weight.detach().numpy()[0]))
+    assert v["evidence:there_is_no"] < 0  # "there is no ..." pushes towards Upheld
+    logits, _ = clf.predict_logits(test.texts)
+    windows = clf.make_windows(test.texts)
+    o, g = clf.forward_windows(windows)
+    pooled, _ = clf.pool(o, g, windows.item_ids.numpy(), len(test))
+    assert np.allclose(logits, pooled + evidence_matrix(test.texts) @ np.array(list(v.values())), atol=1e-4)
+    assert roc_auc_score(test.y, logits) > 0.95
+
+
 def _planted_guideline_split(n_letters: int, label_names, seed: int) -> Split:
     """Items citing a planted guideline name carry label 0; items naming ACOEM and the neck carry label 1."""
     rng = np.random.default_rng(seed)
