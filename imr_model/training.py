@@ -357,16 +357,16 @@ def refit_outcome_head(clf: IMRClassifier, windows: Windows, split: Split, cfg: 
     w = model.coef_[0][: X.shape[1]] / sd
     b = float(model.intercept_[0] - np.dot(w, mu))
     if evidence:
-        v = model.coef_[0][X.shape[1] :] * EVIDENCE_BLOCK_WEIGHT / e_sd
-        b -= float(np.dot(v, e_mu))
+        evidence_w = model.coef_[0][X.shape[1] :] * EVIDENCE_BLOCK_WEIGHT / e_sd
+        b -= float(np.dot(evidence_w, e_mu))
     with torch.no_grad():
         clf.net.outcome_head.weight.copy_(torch.as_tensor(w, dtype=torch.float32).view(1, -1))
         clf.net.outcome_head.bias.fill_(b / bias_multiplicity(mode))
         if evidence:
-            clf.net.outcome_cues.weight.copy_(torch.as_tensor(v, dtype=torch.float32).view(1, -1))
+            clf.net.outcome_cues.weight.copy_(torch.as_tensor(evidence_w, dtype=torch.float32).view(1, -1))
     info = {"C": best_C, "cv_auroc_by_C": {str(c): v for c, v in scores.items()}, "folds": k}
     if evidence:  # logit change per unit of each cue (per log(1 + matches); per log(words) for log_words)
-        info["evidence_weights"] = {name: round(float(x), 4) for name, x in zip(clf.config.outcome_cue_names, v)}
+        info["evidence_weights"] = {name: round(float(x), 4) for name, x in zip(clf.config.outcome_cue_names, evidence_w)}
     return info, oof_by_C.get(best_C)
 
 
