@@ -124,6 +124,10 @@ class TrainSection(_Section):
     # no fine-tuning (epochs 0) and both heads logistic: nothing is early-stopped, so fit the heads on train +
     # validation and calibrate the outcome (temperature, threshold) on their grouped out-of-fold logits
     fit_on_validation: bool = False
+    # continue masked-LM pretraining of the backbone (settings: the `pretrain` section) on the text of the letters
+    # the model is trained on, before fitting it; per fold with --cv (only that fold's training letters). See
+    # experiment.domain_adapted.
+    domain_adaptation: bool = False
     guideline_head_Cs: list[float] = Field(default_factory=lambda: [1.0, 4.0, 16.0], min_length=1)
     # logistic guideline head with citation cues: a label seen n times in training gets a fixed weight of
     # prior * support / (n + support) on the cues that name it (cues.yaml label_cues); 0 = off

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -432,3 +433,32 @@ def test_pretrain_lowers_perplexity_and_writes_a_usable_backbone(tiny_config, de
                                                            "encoder_overrides": {}}), label_names)  # fmt: skip
     emb = clf.net.encoder.get_input_embeddings().weight
     assert torch.equal(emb, mlm.get_input_embeddings().weight)
+
+
+@pytest.mark.slow
+def test_domain_adaptation_pretrains_on_the_training_letters_then_fits_on_that_encoder(tiny_config, caplog):
+    """train.domain_adaptation: the saved model's encoder is the MLM-adapted one (not the seed's random init),
+    the run reports the perplexities and names the backbone; --cv adapts once per fold."""
+    from imr_model.config import apply_overrides
+    from imr_model.experiment import run_training
+    from imr_model.modeling import IMRClassifier
+
+    frozen = ["train.epochs=0", "train.outcome_head=logistic", "train.guideline_head=logistic", "train.head_epochs=0",
+              "model.pooling=mean", "pretrain.epochs=2", "pretrain.max_length=32", "pretrain.head_warmup_steps=5",
+              "pretrain.learning_rate=1e-3", "mlflow.enabled=false"]  # fmt: skip
+    plain_cfg = type(tiny_config).model_validate(apply_overrides(tiny_config.model_dump(), frozen))
+    adapted_cfg = type(tiny_config).model_validate(apply_overrides(plain_cfg.model_dump(), ["train.domain_adaptation=true"]))
+    plain = IMRClassifier.from_pretrained(run_training(plain_cfg, None, quiet=True).model_dir)
+    with caplog.at_level(logging.INFO, logger="imr_model.experiment"):
+        result = run_training(adapted_cfg, None, cv=2, quiet=True)
+    assert sum("domain adaptation: held-out MLM perplexity" in r.getMessage() for r in caplog.records) == 3  # 2 folds + final
+    adapted = IMRClassifier.from_pretrained(result.model_dir)
+    report = adapted.metrics["domain_adaptation"]
+    assert report["perplexity_after"] < report["perplexity_before"] and report["steps"] > 0
+    assert adapted.config.backbone == "minilm + domain adaptation"
+    emb = lambda clf: clf.net.encoder.get_input_embeddings().weight  # noqa: E731
+    assert emb(adapted).shape == emb(plain).shape and not torch.allclose(emb(adapted), emb(plain))
+    p, _ = adapted.predict_proba(["There is no documentation of functional improvement."])
+    assert 0 < p[0] < 1
+    cv_model = adapted.metrics["cv"]["model"]["outcome"]
+    assert cv_model["n"] == adapted.metrics["cv"]["majority"]["outcome"]["n"] > 0 and 0 <= cv_model["auroc"] <= 1
