@@ -50,8 +50,11 @@ class Cues:
     def evidence_names(self) -> list[str]:
         return [f"evidence:{k}" for k in self.evidence] + ["log_words"]
 
+    def evidence_spans(self, text: str) -> list[list[tuple[int, int]]]:
+        return [[m.span() for m in p.finditer(text)] for p in self.evidence.values()]
+
     def evidence_features(self, text: str) -> list[float]:
-        counts = [sum(1 for _ in p.finditer(text)) for p in self.evidence.values()]
+        counts = [len(spans) for spans in self.evidence_spans(text)]
         return [math.log1p(c) for c in counts] + [math.log(max(len(text.split()), 1))]
 
     @property
@@ -141,4 +144,4 @@ def evidence_matrix(texts: Sequence[str]) -> np.ndarray:
 
 def evidence_spans(text: str) -> list[list[tuple[int, int]]]:
     """Character spans of each evidence pattern's matches in `text`, in `evidence_names` order (without `log_words`)."""
-    return [[m.span() for m in p.finditer(text)] for p in load_cues().evidence.values()]
+    return load_cues().evidence_spans(text)

@@ -166,8 +166,8 @@ def domain_adapted(cfg: TrainConfig, records: Sequence[dict], quiet: bool = Fals
                     report["perplexity_before"], report["perplexity_after"], report["steps"], report["seconds"])  # fmt: skip
         # the adapted directory holds the full encoder: load it as it is (no random init, no config overrides)
         model = cfg.model.model_copy(update={"backbone": tmp, "init": "pretrained", "encoder_overrides": {}})
-        summary = {k: report[k] for k in ("perplexity_before", "perplexity_after", "steps", "seconds")}
-        yield cfg.model_copy(update={"model": model}), {"backbone": cfg.model.backbone, **summary}
+        yield cfg.model_copy(update={"model": model}), {"backbone": cfg.model.backbone, **_pretrain_summary(report),
+                                                        "seconds": report["seconds"]}  # fmt: skip
 
 
 def _mark_adapted(clf, adaptation: dict | None) -> None:
@@ -297,6 +297,11 @@ def _prepare(cfg: TrainConfig, data: Sequence[str] | None, label_names: Sequence
     return _Prepared(records, source, dd, dataset_digest(dd), splits)
 
 
+def _pretrain_summary(report: dict) -> dict:
+    """The part of a pretraining report (`pretrain.run_pretrain`) kept beside a model's results."""
+    return {k: report[k] for k in ("perplexity_before", "perplexity_after", "steps")}
+
+
 def _backbone_pretraining(cfg: TrainConfig, logging_on: bool) -> dict | None:
     """Perplexities of a domain-adapted backbone (from `imr pretrain`), kept beside the results."""
     from imr_model import tracking
@@ -305,7 +310,7 @@ def _backbone_pretraining(cfg: TrainConfig, logging_on: bool) -> dict | None:
     report = backbone_report(cfg.model.backbone)
     if report is None:
         return None
-    summary = {k: report[k] for k in ("perplexity_before", "perplexity_after", "steps")}
+    summary = _pretrain_summary(report)
     if logging_on:
         tracking.log_metrics({f"backbone_{k}": v for k, v in summary.items()})
     return summary

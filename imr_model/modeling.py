@@ -418,7 +418,8 @@ class IMRClassifier:
         """The item-level terms of the logits: outcome (N,) from evidence cues, guidelines (N, L) from citation
         cues and TF-IDF; zeros without them.
 
-        Both backends add them here, after pooling; attributions explain the pooled window part only.
+        Both backends add them here, after pooling. Attributions give the evidence term to the words it
+        matched (attribution.add_evidence_scores); the guideline terms are not attributed.
         """
         o = np.zeros(len(texts), dtype=np.float32)
         if self.net.outcome_cues is not None:
