@@ -166,7 +166,7 @@ def _encoder_from_config(encoder_config: dict) -> nn.Module:
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Silence transformers' load report and progress bar for one call, then restore the user's settings."""
     from transformers.utils import logging as hf_logging
 
@@ -197,7 +197,7 @@ def build_encoder(config: ModelConfig) -> tuple[nn.Module, object]:
         hf_config.vocab_size = len(tokenizer)
         encoder = _encoder_from_config(hf_config.to_dict())
     else:  # overrides such as attention_probs_dropout_prob apply on top of the pretrained weights
-        with _quiet_transformers():  # the unused pooler weights are reported as "unexpected" on every load
+        with quiet_transformers():  # the unused pooler weights are reported as "unexpected" on every load
             try:
                 encoder = AutoModel.from_pretrained(source, config=hf_config, local_files_only=local, add_pooling_layer=False)
             except TypeError:

@@ -14,6 +14,7 @@ can be given as `model.backbone`; `AutoModel` loads the encoder from it and igno
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -23,8 +24,11 @@ import numpy as np
 import torch
 
 from imr_model.config import TrainConfig, hub_offline, resolve_backbone
+from imr_model.modeling import quiet_transformers
 from imr_model.progress import progress_bar
 from imr_model.training import seed_everything
+
+logger = logging.getLogger(__name__)
 
 REPORT_FILE = "pretrain_report.json"
 
@@ -129,7 +133,16 @@ def _masked_lm(cfg: TrainConfig, source: str):
         setattr(hf_config, key, value)
     if cfg.model.init == "random":
         return AutoModelForMaskedLM.from_config(hf_config)
-    return AutoModelForMaskedLM.from_pretrained(source, config=hf_config, local_files_only=hub_offline())
+    # transformers' load report would flag the absent MLM head as a corrupted checkpoint: expected here (the
+    # head is warmed up before "before" is measured), so say that in one line instead
+    with quiet_transformers():
+        model, info = AutoModelForMaskedLM.from_pretrained(source, config=hf_config, local_files_only=hub_offline(),
+                                                           output_loading_info=True)  # fmt: skip
+    if missing := sorted(info.get("missing_keys") or ()):
+        logger.info("%d tensors not in the backbone start random (%s%s): expected for the masked-LM head, which is "
+                    "warmed up on the frozen encoder first", len(missing), ", ".join(missing[:3]),
+                    ", ..." if len(missing) > 3 else "")  # fmt: skip
+    return model
 
 
 def run_pretrain(cfg: TrainConfig, records: Sequence[dict], output: str | Path, *, quiet: bool = False) -> dict:

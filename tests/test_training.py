@@ -435,6 +435,27 @@ def test_pretrain_lowers_perplexity_and_writes_a_usable_backbone(tiny_config, de
     assert torch.equal(emb, mlm.get_input_embeddings().weight)
 
 
+def test_pretraining_minilm_names_its_fresh_mlm_head_instead_of_a_corrupted_checkpoint_report(caplog, capfd):
+    """MiniLM ships without a masked-LM head: one log line says which tensors start random; transformers'
+    load report (which calls the checkpoint "corrupted") is not shown. The encoder weights are MiniLM's."""
+    from transformers import AutoModel
+
+    from imr_model.config import load_config, resolve_backbone
+    from imr_model.pretrain import _masked_lm
+
+    cfg = load_config("masked")
+    source = resolve_backbone(cfg.model.backbone)
+    with caplog.at_level(logging.INFO, logger="imr_model.pretrain"):
+        mlm = _masked_lm(cfg, source)
+    lines = [r.getMessage() for r in caplog.records if "start random" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("6 tensors") and "cls.predictions.bias" in lines[0]
+    out, err = capfd.readouterr()
+    assert "corrupted" not in out + err and "LOAD REPORT" not in out + err
+    plain = AutoModel.from_pretrained(source, add_pooling_layer=False)
+    assert torch.equal(mlm.bert.embeddings.word_embeddings.weight, plain.embeddings.word_embeddings.weight)
+    assert torch.equal(mlm.bert.encoder.layer[-1].output.dense.weight, plain.encoder.layer[-1].output.dense.weight)
+
+
 @pytest.mark.slow
 def test_domain_adaptation_pretrains_on_the_training_letters_then_fits_on_that_encoder(tiny_config, caplog):
     """train.domain_adaptation: the saved model's encoder is the MLM-adapted one (not the seed's random init),
