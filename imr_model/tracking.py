@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -118,7 +119,9 @@ def _dataset_source(source: str):
     if source.startswith("demo:"):
         return CodeDatasetSource(tags={"generator": "imr_model.demo", "spec": source})
     try:
-        return resolve_dataset_source(source)
+        with warnings.catch_warnings():  # MLflow registers LocalArtifactDatasetSource twice and warns on every local path
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+            return resolve_dataset_source(source)
     except Exception:  # an unusual path scheme must not stop a training run
         return CodeDatasetSource(tags={"source": source})
 

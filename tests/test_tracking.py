@@ -86,3 +86,17 @@ def test_train_register_load_predict_promote(tiny_config, monkeypatch, tmp_path)
     refused = tracking.promote(metric="test_auprc")
     assert not refused.promoted and "worse than" in refused.reason
     assert str(client.get_model_version_by_alias("imr-classifier", "champion").version) == "2"
+
+
+def test_local_dataset_source_resolves_without_mlflows_ambiguity_warning(tmp_path):
+    """MLflow registers its local-artifact source twice and warns "can be interpreted in multiple ways" on every
+    training run; the source still resolves to a local artifact and nothing is shown."""
+    import warnings
+
+    from imr_model.tracking import _dataset_source
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        src = _dataset_source(str(tmp_path))
+    assert type(src).__name__ == "LocalArtifactDatasetSource"
+    assert not [w for w in caught if "multiple ways" in str(w.message)]
