@@ -450,7 +450,7 @@ def test_pretraining_minilm_names_its_fresh_mlm_head_instead_of_a_corrupted_chec
     lines = [r.getMessage() for r in caplog.records if "start random" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("6 tensors") and "cls.predictions.bias" in lines[0]
     out, err = capfd.readouterr()
-    assert "corrupted" not in out + err and "LOAD REPORT" not in out + err
+    assert "This checkpoint seem corrupted" not in out + err and "LOAD REPORT" not in out + err
     plain = AutoModel.from_pretrained(source, add_pooling_layer=False)
     assert torch.equal(mlm.bert.embeddings.word_embeddings.weight, plain.embeddings.word_embeddings.weight)
     assert torch.equal(mlm.bert.encoder.layer[-1].output.dense.weight, plain.encoder.layer[-1].output.dense.weight)
@@ -483,3 +483,27 @@ def test_domain_adaptation_pretrains_on_the_training_letters_then_fits_on_that_e
     assert 0 < p[0] < 1
     cv_model = adapted.metrics["cv"]["model"]["outcome"]
     assert cv_model["n"] == adapted.metrics["cv"]["majority"]["outcome"]["n"] > 0 and 0 <= cv_model["auroc"] <= 1
+
+
+def test_training_log_handler_writes_to_the_current_stderr_not_a_closed_earlier_one(monkeypatch):
+    """`imr train` logs progress through a handler that looks up sys.stderr at each record: one made while stderr
+    was some stream that is later closed (pytest's capture, a redirect) neither fails nor writes there."""
+    import io
+    import sys
+
+    from train.train import _StderrHandler
+
+    before, after = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", before)
+    handler = _StderrHandler()
+    log = logging.getLogger("imr_model.test_handler")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        before.close()
+        monkeypatch.setattr(sys, "stderr", after)
+        monkeypatch.setattr(logging, "raiseExceptions", True)
+        log.warning("fold %d done", 3)
+    finally:
+        log.removeHandler(handler)
+    assert after.getvalue() == "fold 3 done\n"
