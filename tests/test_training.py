@@ -497,12 +497,11 @@ def test_training_log_handler_writes_to_the_current_stderr_not_a_closed_earlier_
     monkeypatch.setattr(sys, "stderr", before)
     handler = _StderrHandler()
     log = logging.getLogger("imr_model.test_handler")
+    monkeypatch.setattr(log, "propagate", False)
     log.addHandler(handler)
-    log.propagate = False
     try:
         before.close()
         monkeypatch.setattr(sys, "stderr", after)
-        monkeypatch.setattr(logging, "raiseExceptions", True)
         log.warning("fold %d done", 3)
     finally:
         log.removeHandler(handler)
