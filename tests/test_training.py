@@ -435,6 +435,26 @@ def test_pretrain_lowers_perplexity_and_writes_a_usable_backbone(tiny_config, de
     assert torch.equal(emb, mlm.get_input_embeddings().weight)
 
 
+def test_pretraining_is_reproducible_and_seeded(demo_records, tmp_path):
+    """Same config + seed + letters -> bitwise the same adapted backbone (the --cv folds and the final model
+    rely on it); another seed -> another backbone."""
+    from safetensors.torch import load_file
+
+    from imr_model.config import load_config
+    from imr_model.pretrain import run_pretrain
+
+    sets = ["pretrain.epochs=1", "pretrain.max_length=32", "pretrain.head_warmup_steps=3", "pretrain.batch_size=16"]
+    reports, weights = [], []
+    for run, seed in (("a", 7), ("b", 7), ("c", 8)):
+        out = tmp_path / run
+        reports.append(run_pretrain(load_config("tiny", [*sets, f"seed={seed}"]), demo_records[:20], out, quiet=True))
+        weights.append(load_file(str(out / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 0
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert reports[0]["perplexity_after"] == reports[1]["perplexity_after"]
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
 def test_pretraining_minilm_names_its_fresh_mlm_head_instead_of_a_corrupted_checkpoint_report(caplog, capfd):
     """MiniLM ships without a masked-LM head: one log line says which tensors start random; transformers'
     load report (which calls the checkpoint "corrupted") is not shown. The encoder weights are MiniLM's."""
