@@ -208,6 +208,22 @@ def pip_requirements() -> list[str]:
     return reqs + ["imr-model"]  # the wrapper imports imr_model: serve with the package installed
 
 
+@contextmanager
+def _quiet_artifact_downloads() -> Iterator[None]:
+    """Without MLflow's "Downloading artifacts" bar: `log_model` downloads the model it just logged to check the
+    input example, and that bar would land in the middle of a training run's output. A value the user set for
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR is kept; otherwise the variable is unset again afterwards."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
 def log_model(model_dir: str | Path, registered_model: str | None) -> tuple[str, str | None]:
     """Log the saved model directory as a models-from-code pyfunc; register it and alias it `candidate`.
 
@@ -217,15 +233,16 @@ def log_model(model_dir: str | Path, registered_model: str | None) -> tuple[str,
 
     from imr_model import pyfunc_model
 
-    info = mlflow.pyfunc.log_model(
-        name=MODEL_NAME,
-        python_model=str(Path(pyfunc_model.__file__).resolve()),
-        artifacts={pyfunc_model.MODEL_DIR_ARTIFACT: str(model_dir)},
-        signature=model_signature(),
-        input_example=demo_input_example(),
-        pip_requirements=pip_requirements(),
-        registered_model_name=registered_model,
-    )
+    with _quiet_artifact_downloads():
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=str(Path(pyfunc_model.__file__).resolve()),
+            artifacts={pyfunc_model.MODEL_DIR_ARTIFACT: str(model_dir)},
+            signature=model_signature(),
+            input_example=demo_input_example(),
+            pip_requirements=pip_requirements(),
+            registered_model_name=registered_model,
+        )
     version = getattr(info, "registered_model_version", None)
     if registered_model and version is not None:
         client = mlflow.MlflowClient()

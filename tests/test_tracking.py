@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -44,15 +45,20 @@ def test_resolve_model_dir_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_register_load_predict_promote(tiny_config, monkeypatch, tmp_path):
+def test_train_register_load_predict_promote(tiny_config, monkeypatch, tmp_path, capfd):
     """The issue's end-to-end check on the tiny config (< 2 minutes)."""
     import mlflow
 
     from imr_model.experiment import run_training
 
     monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) stay in tmp
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
     first = run_training(tiny_config, None, quiet=True)
     assert first.version == "1" and first.run_id
+    # logging the model validates its input example on a downloaded copy: no "Downloading artifacts"
+    # bar in the middle of a training run's output, and the user's environment is left as it was
+    assert "Downloading artifacts" not in capfd.readouterr().err
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
 
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("imr-classifier", "candidate").version) == "1"
