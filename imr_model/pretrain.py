@@ -175,7 +175,8 @@ def run_pretrain(cfg: TrainConfig, records: Sequence[dict], output: str | Path, 
     report.update({"steps": steps, "seconds": round(time.perf_counter() - start, 1)})
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
+    with quiet_transformers():  # no "Writing model shards" bar between ours
+        model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report

@@ -412,7 +412,8 @@ def test_cross_validation_scores_every_item_once(tiny_config, demo_records, labe
 
 
 @pytest.mark.slow
-def test_pretrain_lowers_perplexity_and_writes_a_usable_backbone(tiny_config, demo_records, tmp_path, label_names):
+def test_pretrain_lowers_perplexity_and_writes_a_usable_backbone(tiny_config, demo_records, tmp_path, label_names,
+                                                                 capfd):  # fmt: skip
     from imr_model.config import load_config
     from imr_model.modeling import IMRClassifier
     from imr_model.pretrain import REPORT_FILE, backbone_report, run_pretrain
@@ -421,6 +422,7 @@ def test_pretrain_lowers_perplexity_and_writes_a_usable_backbone(tiny_config, de
                                "pretrain.batch_size=16", "pretrain.learning_rate=1e-3"])  # fmt: skip
     out = tmp_path / "backbone"
     report = run_pretrain(cfg, demo_records[:30], out, quiet=True)
+    assert "Writing model shards" not in capfd.readouterr().err  # quiet: no transformers bar either
     assert report["letters"]["held_out"] >= 1 and report["blocks"]["held_out"] >= 1
     assert report["perplexity_after"] < report["perplexity_before"]
     assert (out / REPORT_FILE).is_file() and (out / "model.safetensors").is_file()
