@@ -437,6 +437,7 @@ def test_pretrain_lowers_perplexity_and_writes_a_usable_backbone(tiny_config, de
     assert torch.equal(emb, mlm.get_input_embeddings().weight)
 
 
+@pytest.mark.slow
 def test_pretraining_is_reproducible_and_seeded(demo_records, tmp_path):
     """Same config + seed + letters -> bitwise the same adapted backbone (the --cv folds and the final model
     rely on it); another seed -> another backbone."""
