@@ -128,6 +128,10 @@ class TrainSection(_Section):
     # the model is trained on, before fitting it; per fold with --cv (only that fold's training letters). See
     # experiment.domain_adapted.
     domain_adaptation: bool = False
+    # with domain adaptation (this option, or a backbone written by `imr pretrain`): also fit the same model on the
+    # backbone before adaptation and report it as the `unadapted` row beside the adapted `model`, so every report
+    # shows whether adaptation helped downstream. Costs one more model fit (seconds with epochs 0).
+    compare_unadapted: bool = True
     guideline_head_Cs: list[float] = Field(default_factory=lambda: [1.0, 4.0, 16.0], min_length=1)
     # logistic guideline head with citation cues: a label seen n times in training gets a fixed weight of
     # prior * support / (n + support) on the cues that name it (cues.yaml label_cues); 0 = off

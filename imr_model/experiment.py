@@ -178,6 +178,31 @@ def _mark_adapted(clf, adaptation: dict | None) -> None:
         clf.metrics["domain_adaptation"] = adaptation
 
 
+def unadapted_config(cfg: TrainConfig) -> TrainConfig | None:
+    """The config of the `unadapted` comparison row (`train.compare_unadapted`): the same model on the backbone
+    before domain adaptation. With `train.domain_adaptation` that is the configured backbone; for a backbone
+    directory written by `imr pretrain`, the backbone its pretraining report names (when it is on this machine).
+    None when no adaptation is in play or the option is off."""
+    if not cfg.train.compare_unadapted:
+        return None
+    if cfg.train.domain_adaptation:
+        return cfg.model_copy(update={"train": cfg.train.model_copy(update={"domain_adaptation": False})})
+    from imr_model.config import ConfigError, resolve_backbone
+    from imr_model.pretrain import backbone_report
+
+    base = (backbone_report(cfg.model.backbone) or {}).get("backbone")
+    if not base:
+        return None
+    try:
+        local = Path(resolve_backbone(base)).is_dir()
+    except ConfigError:
+        local = False
+    if not local:
+        logger.info("no unadapted row: %s was adapted from %r, which is not on this machine", cfg.model.backbone, base)
+        return None
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"backbone": base})})
+
+
 def cross_validate(cfg: TrainConfig, records: list[dict], k: int, label_names: Sequence[str], *,
                    quiet: bool = False, log=None) -> dict:  # fmt: skip
     """Grouped K-fold: every item is scored once by models that never saw its letter; pooled metrics."""
@@ -187,7 +212,8 @@ def cross_validate(cfg: TrainConfig, records: list[dict], k: int, label_names: S
     view = cfg.model.text_view
     all_split = records_to_split(records, view, label_names)
     n, L = len(records), len(label_names)
-    probs = {m: np.zeros(n) for m in ("majority", "tfidf", "model")}
+    plain_cfg = unadapted_config(cfg)
+    probs = {m: np.zeros(n) for m in ("majority", "tfidf") + (("unadapted",) if plain_cfg else ()) + ("model",)}
     thr = {m: np.full(n, 0.5) for m in probs}
     decided = {m: np.zeros((n, L), dtype=int) for m in probs}
     for fold, (tr, te) in enumerate(grouped_kfold(records, k, seed=cfg.seed)):
@@ -201,8 +227,11 @@ def cross_validate(cfg: TrainConfig, records: list[dict], k: int, label_names: S
         baseline = fit_baseline(cfg, train, val, label_names)
         with domain_adapted(cfg, [records[i] for i in tr], quiet) as (fold_cfg, _):
             clf, _ = train_classifier(fold_cfg, train, val, label_names, quiet=quiet)
+        models = {"tfidf": baseline, "model": clf}
+        if plain_cfg is not None:
+            models["unadapted"], _ = train_classifier(plain_cfg, train, val, label_names, quiet=quiet)
         probs["majority"][te] = majority_probabilities(train.y, len(te))
-        for name, model in (("tfidf", baseline), ("model", clf)):
+        for name, model in models.items():
             p, P = model.predict_proba(test.texts)
             probs[name][te], thr[name][te] = p, model.outcome_threshold
             decided[name][te] = (P >= model.guideline_thresholds[None, :]).astype(int)
@@ -211,7 +240,7 @@ def cross_validate(cfg: TrainConfig, records: list[dict], k: int, label_names: S
                     time.perf_counter() - start)  # fmt: skip
         if log is not None:
             log(fold, {"cv_fold_auroc": fold_auc, "cv_fold_seconds": time.perf_counter() - start})
-        del clf
+        del clf, models
         gc.collect()
     out = {}
     for name in probs:
@@ -271,11 +300,21 @@ def _log_evaluation(by_split: dict, label_names: Sequence[str], splits: dict, pr
             values.update(flat_metrics(f"{key}_guideline", {"macro_f1_all_labels": r["guidelines"]["macro_f1_all_labels"]}))
         tracking.log_metrics(values)
         y = splits[split]
-        curves = {n: rows[n]["_probabilities"] for n in ("tfidf", "model") if n in rows}
+        curves = {n: rows[n]["_probabilities"] for n in ("tfidf", "unadapted", "model") if n in rows}
         tracking.log_figure(plots.reliability_diagram(y, curves, title=f"Reliability, {split}"), f"plots/{prefix}{short}_reliability.png")
         tracking.log_figure(plots.pr_curve(y, curves, title=f"Precision-recall, {split}"), f"plots/{prefix}{short}_pr_curve.png")
         tracking.log_figure(plots.confusion_matrix_figure(rows["model"]["outcome"]["confusion"],
                             title=f"Model, {split}"), f"plots/{prefix}{short}_confusion.png")  # fmt: skip
+
+
+def _log_adaptation_effect(by_split: dict) -> None:
+    """One line per evaluated split: the adapted model against the same model before adaptation."""
+    for split, rows in by_split.items():
+        if "unadapted" in rows:
+            before, after = rows["unadapted"]["outcome"], rows["model"]["outcome"]
+            logger.info("domain adaptation, %s: AUROC %.3f → %.3f, AUPRC %.3f → %.3f, guideline micro-F1 %.3f → %.3f",
+                        split, before["auroc"], after["auroc"], before["auprc"], after["auprc"],
+                        rows["unadapted"]["guidelines"]["micro_f1"], rows["model"]["guidelines"]["micro_f1"])  # fmt: skip
 
 
 @dataclass
@@ -347,9 +386,14 @@ def run_training(cfg: TrainConfig, data: Sequence[str] | None = None, *, cv: int
         _mark_adapted(clf, adaptation)
         if adaptation is not None and run is not None:
             tracking.log_metrics({f"domain_adaptation_{k}": v for k, v in adaptation.items() if k != "backbone"})
+        models = {"tfidf": baseline}
+        if (plain_cfg := unadapted_config(cfg)) is not None:  # the same model without adaptation, for comparison
+            models["unadapted"], _ = train_classifier(plain_cfg, splits["train"], splits["validation"], label_names, quiet=quiet)
+        models["model"] = clf
         held_out = ("test",) if cfg.train.fit_on_validation else ("validation", "test")  # validation items fit the heads
-        by_split = {name: compare_rows(splits[name], label_names, splits["train"].y.mean(), {"tfidf": baseline, "model": clf})
+        by_split = {name: compare_rows(splits[name], label_names, splits["train"].y.mean(), models)
                     for name in held_out if len(splits[name])}  # fmt: skip
+        _log_adaptation_effect(by_split)
         metrics.update({name: _strip_private(rows) for name, rows in by_split.items()})
         metrics["history"] = history
         model_dir = _save(cfg, clf, baseline, prep.digest, metrics)
@@ -373,6 +417,7 @@ def _cross_validate_and_log(cfg: TrainConfig, records: list[dict], k: int, label
     log = (lambda fold, values: tracking.log_metrics({f"{n}_{fold}": v for n, v in values.items()})) if logging_on else None
     oof = cross_validate(cfg, records, k, label_names, quiet=quiet, log=log)
     y_all = oof.pop("_y")
+    _log_adaptation_effect({"cv": oof})
     if logging_on:
         _log_evaluation({"cv": oof}, label_names, {"cv": y_all})
     return {"k": k, **_strip_private(oof)}

@@ -482,7 +482,8 @@ def test_pretraining_minilm_names_its_fresh_mlm_head_instead_of_a_corrupted_chec
 @pytest.mark.slow
 def test_domain_adaptation_pretrains_on_the_training_letters_then_fits_on_that_encoder(tiny_config, caplog):
     """train.domain_adaptation: the saved model's encoder is the MLM-adapted one (not the seed's random init),
-    the run reports the perplexities and names the backbone; --cv adapts once per fold."""
+    the run reports the perplexities and names the backbone; --cv adapts once per fold. Its report has an
+    `unadapted` row (train.compare_unadapted) that is exactly the same config's run without adaptation."""
     from imr_model.config import apply_overrides
     from imr_model.experiment import run_training
     from imr_model.modeling import IMRClassifier
@@ -506,6 +507,44 @@ def test_domain_adaptation_pretrains_on_the_training_letters_then_fits_on_that_e
     assert 0 < p[0] < 1
     cv_model = adapted.metrics["cv"]["model"]["outcome"]
     assert cv_model["n"] == adapted.metrics["cv"]["majority"]["outcome"]["n"] > 0 and 0 <= cv_model["auroc"] <= 1
+    # the comparison row: the plain run's model, to the last digit, on every held-out split and in CV
+    plain_metrics = plain.metrics
+    for split in ("validation", "test"):
+        assert adapted.metrics[split]["unadapted"] == plain_metrics[split]["model"]
+        assert adapted.metrics[split]["model"] != plain_metrics[split]["model"]
+    assert set(adapted.metrics["cv"]) == {"k", "majority", "tfidf", "unadapted", "model"}
+    assert adapted.metrics["cv"]["unadapted"]["outcome"]["n"] == cv_model["n"]
+    effect = [r.getMessage() for r in caplog.records if r.getMessage().startswith("domain adaptation, ")]
+    assert [m.split(":")[0] for m in effect] == ["domain adaptation, cv", "domain adaptation, validation",
+                                                 "domain adaptation, test"]  # fmt: skip
+    for split in ("cv", "validation", "test"):  # printed just above the adapted model's row
+        assert result.table.index(f"{split}/tfidf") < result.table.index(f"{split}/unadapted") < result.table.index(f"{split}/model")
+
+
+def test_unadapted_row_config(tiny_config, tmp_path):
+    """Which backbone the `unadapted` row uses: the configured one under train.domain_adaptation; the one named
+    in an `imr pretrain` directory's report, when that is on this machine; none without adaptation or when off."""
+    import json
+
+    from imr_model.config import apply_overrides
+    from imr_model.experiment import unadapted_config
+    from imr_model.pretrain import REPORT_FILE
+
+    def cfg(*overrides):
+        return type(tiny_config).model_validate(apply_overrides(tiny_config.model_dump(), list(overrides)))
+
+    assert unadapted_config(tiny_config) is None  # no adaptation in play
+    wired = unadapted_config(cfg("train.domain_adaptation=true"))
+    assert wired is not None and not wired.train.domain_adaptation and wired.model == tiny_config.model
+    assert unadapted_config(cfg("train.domain_adaptation=true", "train.compare_unadapted=false")) is None
+    backbone = tmp_path / "backbone-mlm"
+    backbone.mkdir()
+    (backbone / "config.json").write_text("{}", encoding="utf-8")
+    (backbone / REPORT_FILE).write_text(json.dumps({"backbone": "minilm"}), encoding="utf-8")
+    from_dir = unadapted_config(cfg(f"model.backbone={backbone}"))
+    assert from_dir is not None and from_dir.model.backbone == "minilm" and not from_dir.train.domain_adaptation
+    (backbone / REPORT_FILE).write_text(json.dumps({"backbone": str(tmp_path / "gone")}), encoding="utf-8")
+    assert unadapted_config(cfg(f"model.backbone={backbone}")) is None
 
 
 def test_training_log_handler_writes_to_the_current_stderr_not_a_closed_earlier_one(monkeypatch):
