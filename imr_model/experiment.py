@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from imr_model.baseline import BaselineModel
-from imr_model.config import TrainConfig
+from imr_model.config import ConfigError, TrainConfig, resolve_backbone
 from imr_model.metrics import format_table, majority_probabilities, summary_row
 from imr_model.calibration import calibrate_baseline
 from imr_model.training import Split, concat_splits, score_predictions, train_classifier
@@ -187,7 +187,6 @@ def unadapted_config(cfg: TrainConfig) -> TrainConfig | None:
         return None
     if cfg.train.domain_adaptation:
         return cfg.model_copy(update={"train": cfg.train.model_copy(update={"domain_adaptation": False})})
-    from imr_model.config import ConfigError, resolve_backbone
     from imr_model.pretrain import backbone_report
 
     base = (backbone_report(cfg.model.backbone) or {}).get("backbone")
