@@ -24,6 +24,10 @@ For one item text:
    overlaps; `log_words`'s v·log(W) is split evenly over the W words. So completeness covers the whole
    outcome logit. The guideline logits' item-level terms (citation cues, TF-IDF) are not attributed.
 
+6. With a context view (`model.context_view`), the context's last window adds its context-head logit
+   to the outcome, so it is attributed too (weight 1, like `last`); guideline labels read the main
+   view only. Completeness holds over the whole input, separator excluded.
+
 Scores are in raw logit units (before temperature scaling); positive pushes towards the target
 (Overturned for `target="outcome"`, or the named guideline label).
 """
@@ -41,6 +45,7 @@ import torch
 from captum.attr import LayerIntegratedGradients
 
 from imr_model.config import LINEAR_POOLINGS, POOLINGS
+from imr_model.views import main_text
 
 OUTCOME = "outcome"
 DEFAULT_STEPS = 32
@@ -137,24 +142,32 @@ def attribute_many(
     net, device = classifier.net, classifier.device
     windows = classifier.make_windows(texts)
     owners = windows.item_ids.numpy()
+    segments = windows.segments.numpy()  # 0 main view, 1 context view (model.context_view)
     lengths = windows.attention_mask.sum(dim=1).numpy()
+    context = net.context_head is not None
+    head = 0  # with a context head: the outcome column of the rows being attributed (0 main, 1 context)
 
     def target_logit(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         outcome, guidelines = net(input_ids, attention_mask)
-        return outcome if column is None else guidelines[:, column]  # (rows,)
+        if column is not None:
+            return guidelines[:, column]  # (rows,)
+        return outcome[:, head] if context else outcome
 
     pooling = classifier.config.pooling if column is None else classifier.config.guideline_pool
     if pooling in LINEAR_POOLINGS:  # the weights do not depend on the logits: skip a forward of every window
         window_logits = np.zeros(len(windows), dtype=np.float64)
     else:
         o, g = classifier.forward_windows(windows)
+        o = o[:, 0] if context else o
         window_logits = np.asarray(o if column is None else g[:, column], dtype=np.float64)
     weights = np.zeros(len(windows), dtype=np.float64)
     for item in range(len(texts)):
-        rows = np.flatnonzero(owners == item)
+        rows = np.flatnonzero((owners == item) & (segments == 0))
         weights[rows] = pooling_weights(window_logits[rows], pooling)
+        if column is None and context:  # the context head reads the context's last window
+            weights[np.flatnonzero((owners == item) & (segments == 1))[-1]] = 1.0
     chosen = np.flatnonzero(weights > 0)
-    chosen = chosen[np.argsort(lengths[chosen], kind="stable")]  # similar lengths share a forward pass
+    chosen = chosen[np.lexsort((lengths[chosen], segments[chosen]))]  # by part, then length: similar lengths share a pass
     scores = np.zeros(tuple(windows.input_ids.shape), dtype=np.float64)  # (W, T); unattributed windows stay 0
     deltas = np.zeros(len(windows), dtype=np.float64)
     pad = classifier.tokenizer.pad_token_id or 0
@@ -164,6 +177,8 @@ def attribute_many(
         width = max(1, int(lengths[chosen[start]]))
         rows_fit = max(1, batch_tokens // (n_steps * width))  # all steps of these rows in one pass
         group = chosen[start : start + rows_fit]
+        group = group[segments[group] == segments[group[0]]]  # one outcome head per pass
+        head = int(segments[group[0]])
         width = max(1, int(lengths[group].max()))
         ids = windows.input_ids[group, :width].to(device)
         mask = windows.attention_mask[group, :width].to(device)
@@ -185,8 +200,10 @@ def attribute_many(
     for item, text in enumerate(texts):
         rows = np.flatnonzero((owners == item) & (weights > 0))
         words = merge_words(text, scores[rows], windows.offsets[rows].numpy())
-        if evidence is not None:
-            words = add_evidence_scores(text, words, evidence)
+        if evidence is not None:  # the evidence cues read the main view (views.main_text)
+            end = len(main_text(text))
+            main = tuple(w for w in words if w.start < end)
+            words = add_evidence_scores(text[:end], main, evidence) + words[len(main) :]
         out.append(Attribution(target, text_view or classifier.config.text_view, text, words, float(deltas[rows].sum()),
                                n_steps))  # fmt: skip
     return out

@@ -22,6 +22,7 @@ from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from imr_model.config import BaselineSection
+from imr_model.views import main_text
 
 JSON_FILE = "baseline.json"
 ARRAYS_FILE = "baseline.safetensors"
@@ -67,8 +68,13 @@ class BaselineModel:
         text_view: str = "rationale",
         seed: int = 0,
     ) -> "BaselineModel":
-        """Fit on texts, outcome labels y (N,) (1 = Overturned) and guideline matrix Y (N, L)."""
+        """Fit on texts, outcome labels y (N,) (1 = Overturned) and guideline matrix Y (N, L).
+
+        Model inputs with a context part (`views.model_input`) count with their main view only: the
+        baseline is TF-IDF on the text view, the issue's anchor.
+        """
         settings = settings or BaselineSection()
+        texts = [main_text(t) for t in texts]
         y_arr, Y_arr = np.asarray(y).astype(int), np.asarray(Y).astype(int)
         if len(texts) != len(y_arr) or Y_arr.shape != (len(texts), len(label_names)):
             raise ValueError(
@@ -99,7 +105,9 @@ class BaselineModel:
         """Sublinear-tf × idf, L2-normalised rows (what TfidfVectorizer(sublinear_tf=True) computes)."""
         if self._tfidf is None:
             self._tfidf = TfidfFeatures(self.vocabulary, self.idf, self.settings.ngram_max)
-        return self._tfidf.transform(texts)
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings; wrap a single text in a list")
+        return self._tfidf.transform([main_text(t) for t in texts])
 
     def decision_function(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Logits: outcome (N,) and guidelines (N, L)."""

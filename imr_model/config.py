@@ -52,6 +52,11 @@ class ModelConfig(_Section):
     pooling: Pooling = "max"  # window → item, outcome head
     guideline_pooling: Pooling | None = None  # guideline head; None = `pooling`
     text_view: Literal["rationale", "rationale_masked", "forecast"] = "rationale"
+    # A second view the outcome reads beside `text_view` (imr_model/views.py `model_input`): the logit gains
+    # `context_weight` x a logistic regression on the encoder vector of the context's last sentence (the forecast
+    # model's head). Only `forecast` (request + case summary: no verdict); fit by train.outcome_head: logistic.
+    context_view: Literal["forecast"] | None = None
+    context_weight: float = Field(0.5, gt=0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     freeze_layers: int = Field(0, ge=0)  # embeddings + this many lower encoder layers get no updates
     freeze_embeddings: bool = False  # token/position embeddings get no updates (saves ~half the optimizer work)
@@ -90,6 +95,8 @@ class ModelConfig(_Section):
                 f"model.stride ({self.stride}) must be smaller than model.max_length - 2 "
                 f"({self.max_length - 2}): consecutive windows would not advance"
             )
+        if self.context_view is not None and self.context_view == self.text_view:
+            raise ValueError(f"model.context_view ({self.context_view!r}) must differ from model.text_view")
         return self
 
 
@@ -226,6 +233,9 @@ class TrainConfig(_Section):
             raise ValueError("model.guideline_tfidf: true is fit by train.guideline_head: logistic; set it")
         if self.model.outcome_cues and self.train.outcome_head != "logistic":
             raise ValueError("model.outcome_cues: true is fit by train.outcome_head: logistic; set it")
+        if self.model.context_view is not None and not (self.train.epochs == 0 and self.train.outcome_head == "logistic"):
+            raise ValueError("model.context_view: the context head is fit by train.outcome_head: logistic on the "
+                             "pretrained encoder; set train.epochs: 0 and train.outcome_head: logistic")  # fmt: skip
         return self
 
     def flat(self) -> dict[str, Any]:

@@ -55,13 +55,14 @@ def label_matrix(records: Sequence[dict], label_names: Sequence[str]) -> np.ndar
     return Y
 
 
-def records_to_split(records: Sequence[dict], view: str, label_names: Sequence[str]) -> Split:
-    """Item records → a Split in the given text view."""
-    from imr_model.dataset import text_view
+def records_to_split(records: Sequence[dict], view: str, label_names: Sequence[str],
+                     context_view: str | None = None) -> Split:  # fmt: skip
+    """Item records → a Split of model inputs in the given text view (+ `context_view`, `views.model_input`)."""
     from imr_model.types import OVERTURNED
+    from imr_model.views import model_input
 
     return Split(
-        texts=[text_view(r, view) for r in records],
+        texts=[model_input(r, view, context_view) for r in records],
         y=np.array([int(r.get("decision") == OVERTURNED) for r in records]),
         Y=label_matrix(records, label_names),
         groups=[str(r.get("letter_id") or i) for i, r in enumerate(records)],
@@ -208,8 +209,8 @@ def cross_validate(cfg: TrainConfig, records: list[dict], k: int, label_names: S
     from imr_model.dataset import build_dataset, grouped_kfold
     from imr_model.metrics import guideline_metrics, outcome_metrics
 
-    view = cfg.model.text_view
-    all_split = records_to_split(records, view, label_names)
+    view, context = cfg.model.text_view, cfg.model.context_view
+    all_split = records_to_split(records, view, label_names, context)
     n, L = len(records), len(label_names)
     plain_cfg = unadapted_config(cfg)
     probs = {m: np.zeros(n) for m in ("majority", "tfidf") + (("unadapted",) if plain_cfg else ()) + ("model",)}
@@ -219,9 +220,9 @@ def cross_validate(cfg: TrainConfig, records: list[dict], k: int, label_names: S
         start = time.perf_counter()
         inner = build_dataset([records[i] for i in tr], seed=cfg.seed + fold,
                               val_size=cfg.data.val_size / (1 - cfg.data.test_size), test_size=0.0)  # fmt: skip
-        train = records_to_split(list(inner["train"]), view, label_names)
-        val = records_to_split(list(inner["validation"]), view, label_names)
-        test = records_to_split([records[i] for i in te], view, label_names)
+        train = records_to_split(list(inner["train"]), view, label_names, context)
+        val = records_to_split(list(inner["validation"]), view, label_names, context)
+        test = records_to_split([records[i] for i in te], view, label_names, context)
         check_labels(train.y, f"CV fold {fold} training split")
         baseline = fit_baseline(cfg, train, val, label_names)
         with domain_adapted(cfg, [records[i] for i in tr], quiet) as (fold_cfg, _):
@@ -330,8 +331,8 @@ def _prepare(cfg: TrainConfig, data: Sequence[str] | None, label_names: Sequence
 
     records, source = load_training_records(data, cfg)
     dd = build_dataset(records, seed=cfg.seed, val_size=cfg.data.val_size, test_size=cfg.data.test_size)
-    view = cfg.model.text_view
-    splits = {name: records_to_split(list(dd[name]), view, label_names) for name in ("train", "validation", "test")}
+    view, context = cfg.model.text_view, cfg.model.context_view
+    splits = {name: records_to_split(list(dd[name]), view, label_names, context) for name in ("train", "validation", "test")}
     check_labels(splits["train"].y, "the training split")
     return _Prepared(records, source, dd, dataset_digest(dd), splits)
 
@@ -448,7 +449,7 @@ def evaluate_model(model: str | Path, data: Sequence[str], *, batch_size: int = 
     records, errors = load_records(list(data))
     if not records:
         raise ValueError(f"no labelled items found in {list(data)} ({len(errors)} files failed to parse)")
-    split = records_to_split(records, clf.config.text_view, clf.label_names)
+    split = records_to_split(records, clf.config.text_view, clf.label_names, clf.config.context_view)
     models: dict = {}
     if (model_dir / BASELINE_DIR).is_dir():
         models["tfidf"] = BaselineModel.load(model_dir / BASELINE_DIR)

@@ -92,9 +92,10 @@ class Predictor:
 
     def item_texts(self, records: Sequence[dict]) -> list[str]:
         """The model input of each item record, in the model's text view."""
-        from imr_model.views import text_view
+        from imr_model.views import model_input
 
-        return [text_view(_with_text_fields(r), self.text_view) for r in records]
+        context = self.classifier.config.context_view
+        return [model_input(_with_text_fields(r), self.text_view, context) for r in records]
 
     def predict_records(
         self,

@@ -22,6 +22,12 @@ trained with). Window logits are pooled back to the item, separately per head
 
 Training pools the same way as inference, so what is trained is what is served.
 
+Context (`model.context_view`, e.g. `forecast` beside `rationale_masked`): the input holds a second
+view after `views.CONTEXT_SEPARATOR`. Its windows get their own outcome head (`IMRNet.context_head`;
+the network's outcome output is then (W, 2): main head, context head) pooled with `last`, and the
+item's outcome logit is the main part's pooled logit plus the context's. Guidelines, cues and TF-IDF
+read the main view only.
+
 A model directory holds `config.json` (`ModelConfig`), `model.safetensors`, tokenizer files,
 `calibration.json`, `metrics.json` and `taxonomy.json` (plus `tfidf_vocabulary.json` when the guideline
 logits have a TF-IDF term); loading it needs neither pickle nor the backbone: the encoder is rebuilt
@@ -43,6 +49,7 @@ from torch import Tensor, nn
 from imr_model.baseline import TfidfFeatures
 from imr_model.config import POOLINGS, ModelConfig, hub_offline, resolve_backbone
 from imr_model.cues import cue_matrix, cue_names, cue_version, evidence_matrix, evidence_names, evidence_version
+from imr_model.views import main_text
 from imr_model.windows import Windows, make_windows  # noqa: F401 - Windows is part of this module's API
 
 CONFIG_FILE = "config.json"
@@ -71,7 +78,7 @@ class IMRNet(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1, n_cues: int = 0, n_tfidf: int = 0,
-                 n_outcome_cues: int = 0):  # fmt: skip
+                 n_outcome_cues: int = 0, context: bool = False):  # fmt: skip
         super().__init__()
         self.encoder = encoder
         hidden = int(encoder.config.hidden_size)
@@ -81,6 +88,11 @@ class IMRNet(nn.Module):
         nn.init.zeros_(self.outcome_attention.bias)
         self.outcome_head = nn.Linear(hidden, 1)
         self.guideline_head = nn.Linear(hidden, n_labels)
+        # Outcome head of the context view's windows (`model.context_view`); fit by the logistic refit.
+        self.context_head = nn.Linear(hidden, 1) if context else None
+        if self.context_head is not None:
+            nn.init.zeros_(self.context_head.weight)
+            nn.init.zeros_(self.context_head.bias)
         # Item-level linear term on citation cues (imr_model/cues.py), added after pooling; zero at the start.
         self.guideline_cues = nn.Linear(n_cues, n_labels, bias=False) if n_cues else None
         if self.guideline_cues is not None:
@@ -105,9 +117,16 @@ class IMRNet(nn.Module):
         return attended, mean
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(W, T) token windows → outcome logit (W,) and guideline logits (W, L) per window."""
+        """(W, T) token windows → outcome logit (W,) and guideline logits (W, L) per window.
+
+        With a context head the outcome is (W, 2): the main head's logit, then the context head's.
+        """
         attended, mean = self.encode(input_ids, attention_mask)
-        return self.outcome_head(self.dropout(attended)).squeeze(-1), self.guideline_head(self.dropout(mean))
+        attended = self.dropout(attended)
+        outcome = self.outcome_head(attended)
+        if self.context_head is not None:
+            outcome = torch.cat([outcome, self.context_head(attended)], dim=-1)
+        return outcome.squeeze(-1), self.guideline_head(self.dropout(mean))
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The word-embedding layer (the Captum LayerIntegratedGradients target)."""
@@ -272,7 +291,7 @@ class IMRClassifier:
                                            "outcome_cue_names": evidence,
                                            "outcome_cue_version": evidence_version() if evidence else 0})  # fmt: skip
         net = IMRNet(encoder, len(label_names), config.dropout, len(cues), len(tfidf) if tfidf is not None else 0,
-                     len(evidence))  # fmt: skip
+                     len(evidence), context=config.context_view is not None)  # fmt: skip
         if tfidf is None:
             return cls(config, net, tokenizer, device=device)
         with torch.no_grad():
@@ -308,7 +327,8 @@ class IMRClassifier:
                 raise FileNotFoundError(f"{path} has a guideline TF-IDF term but no {TFIDF_FILE}")
             vocabulary, ngram_max = list(record["vocabulary"]), int(record["ngram_max"])
         net = IMRNet(_encoder_from_config(config.encoder_config), len(config.label_names), config.dropout,
-                     len(config.cue_names), len(vocabulary or []), len(config.outcome_cue_names))  # fmt: skip
+                     len(config.cue_names), len(vocabulary or []), len(config.outcome_cue_names),
+                     context=config.context_view is not None)  # fmt: skip
         net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         calibration = _read_json(path / CALIBRATION_FILE) or {}
@@ -354,20 +374,22 @@ class IMRClassifier:
         """Tokenize texts into windows (token windows with stride, or sentences); every text yields one or more."""
         cfg = self.config
         return make_windows(self.tokenizer, _check_texts(texts), max_length=cfg.max_length, stride=cfg.stride,
-                            max_windows=cfg.max_windows, unit=cfg.window_unit)  # fmt: skip
+                            max_windows=cfg.max_windows, unit=cfg.window_unit,
+                            context=cfg.context_view is not None)  # fmt: skip
 
     def forward_windows(
         self, windows: Windows, batch_size: int = 32, forward: ForwardFn | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw logits per window, (W,) and (W, L).
+        """Raw logits per window, (W,) and (W, L); the outcome is (W, 2) with a context head (main, context).
 
         Identical windows (the boilerplate sentences letters repeat: 23% of the sentence windows of the
         shared letters' rationales) are run once. Batches are length-sorted and trimmed (dynamic padding).
         """
         n, n_labels = len(windows), len(self.label_names)
+        heads = 1 if self.net.context_head is None else 2
         lengths = windows.attention_mask.sum(dim=1)
         unique, inverse = _unique_windows(windows.input_ids, lengths)
-        out_o = np.zeros(len(unique), dtype=np.float32)
+        out_o = np.zeros((len(unique), heads), dtype=np.float32)
         out_g = np.zeros((len(unique), n_labels), dtype=np.float32)
         order = unique[torch.argsort(lengths[unique], descending=True, stable=True)]
         slot = torch.empty(n, dtype=torch.long)
@@ -384,19 +406,31 @@ class IMRClassifier:
             else:
                 o, g = forward(ids.numpy(), mask.numpy())
             rows = slot[idx].numpy()
-            out_o[rows] = np.asarray(o, dtype=np.float32).reshape(-1)
+            out_o[rows] = np.asarray(o, dtype=np.float32).reshape(len(idx), heads)
             out_g[rows] = np.asarray(g, dtype=np.float32).reshape(len(idx), n_labels)
-        return out_o[inverse], out_g[inverse]
+        return (out_o[inverse, 0] if heads == 1 else out_o[inverse]), out_g[inverse]
 
     def pool(
-        self, outcome_logits: np.ndarray, guideline_logits: np.ndarray, item_ids: np.ndarray, n_items: int
+        self, outcome_logits: np.ndarray, guideline_logits: np.ndarray, item_ids: np.ndarray, n_items: int,
+        segments: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Window logits → item logits (N,), (N, L) with the configured poolings (outcome, guidelines)."""
+        """Window logits → item logits (N,), (N, L) with the configured poolings (outcome, guidelines).
+
+        With a context head, `segments` (W,) tells the main windows (0), pooled as configured, from the
+        context windows (1), whose context-head logits are pooled with `last` and added to the outcome.
+        """
         ids = torch.as_tensor(np.asarray(item_ids), dtype=torch.long)
-        o = pool_logits(torch.as_tensor(np.asarray(outcome_logits, dtype=np.float32)), ids, n_items, self.config.pooling)
-        g = pool_logits(torch.as_tensor(np.asarray(guideline_logits, dtype=np.float32)), ids, n_items,
-                        self.config.guideline_pool)  # fmt: skip
-        return o.numpy(), g.numpy()
+        o = torch.as_tensor(np.asarray(outcome_logits, dtype=np.float32))
+        g = torch.as_tensor(np.asarray(guideline_logits, dtype=np.float32))
+        if self.net.context_head is None:
+            return pool_logits(o, ids, n_items, self.config.pooling).numpy(), \
+                pool_logits(g, ids, n_items, self.config.guideline_pool).numpy()
+        if segments is None:
+            raise ValueError("a model with model.context_view needs the windows' segments to pool")
+        main = torch.as_tensor(np.asarray(segments)) == 0
+        o_item = pool_logits(o[main, 0], ids[main], n_items, self.config.pooling)
+        o_item = o_item + pool_logits(o[~main, 1], ids[~main], n_items, "last")
+        return o_item.numpy(), pool_logits(g[main], ids[main], n_items, self.config.guideline_pool).numpy()
 
     def predict_logits(
         self, texts: Sequence[str], batch_size: int = 32, forward: ForwardFn | None = None
@@ -410,7 +444,7 @@ class IMRClassifier:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Uncalibrated item logits of `texts` from their already-made `windows` (pooled + item-level terms)."""
         o, g = self.forward_windows(windows, batch_size=batch_size, forward=forward)
-        o, g = self.pool(o, g, windows.item_ids.numpy(), len(texts))
+        o, g = self.pool(o, g, windows.item_ids.numpy(), len(texts), windows.segments.numpy())
         o_term, g_term = self.item_term_logits(texts)
         return o + o_term, g + g_term
 
@@ -419,8 +453,10 @@ class IMRClassifier:
         cues and TF-IDF; zeros without them.
 
         Both backends add them here, after pooling. Attributions give the evidence term to the words it
-        matched (attribution.add_evidence_scores); the guideline terms are not attributed.
+        matched (attribution.add_evidence_scores); the guideline terms are not attributed. They read the
+        main view only (`views.main_text`).
         """
+        texts = [main_text(t) for t in texts]
         o = np.zeros(len(texts), dtype=np.float32)
         if self.net.outcome_cues is not None:
             o += evidence_matrix(texts) @ self.net.outcome_cues.weight.detach().cpu().numpy()[0]

@@ -158,10 +158,10 @@ def int8_check(classifier, forward: OnnxForward, path: Path, n_letters: int = 24
         if cached.get("onnx_file") == forward.path.name:
             return cached
     from imr_model.demo import generate_letters
-    from imr_model.views import text_view
+    from imr_model.views import model_input
 
     records = [r for letter in generate_letters(n_letters, seed=11) for r in letter.item_records()]
-    texts = [text_view(r, classifier.config.text_view) for r in records]
+    texts = [model_input(r, classifier.config.text_view, classifier.config.context_view) for r in records]
     p_torch, _ = classifier.predict_proba(texts)
     p_onnx, _ = classifier.predict_proba(texts, forward=forward)
     result = {"onnx_file": forward.path.name, "n": len(texts), "max_abs_dp": float(np.max(np.abs(p_torch - p_onnx)))}

@@ -22,9 +22,10 @@ INPUT_COLUMNS = ("request", "rationale", "case_summary", "text")
 OUTPUT_COLUMNS = ("outcome", "p_overturned", "guideline_labels", "guidelines")
 
 
-def frame_to_texts(frame: pd.DataFrame, view: str) -> list[str]:
-    """Model-input texts for each row: `text` when given, else the item fields in the model's view."""
-    from imr_model.dataset import text_view
+def frame_to_texts(frame: pd.DataFrame, view: str, context_view: str | None = None) -> list[str]:
+    """Model-input texts for each row: `text` when given (a ready model input, `views.model_input`), else the
+    item fields in the model's view (and context view)."""
+    from imr_model.views import model_input
 
     unknown = [c for c in frame.columns if c not in INPUT_COLUMNS]
     usable = [c for c in frame.columns if c in INPUT_COLUMNS]
@@ -41,7 +42,7 @@ def frame_to_texts(frame: pd.DataFrame, view: str) -> list[str]:
             continue
         record = {k: ("" if row.get(k) is None or (isinstance(row.get(k), float) and pd.isna(row.get(k))) else str(row[k]))
                   for k in ("request", "rationale", "case_summary")}  # fmt: skip
-        texts.append(text_view(record, view))
+        texts.append(model_input(record, view, context_view))
     return texts
 
 
@@ -58,7 +59,7 @@ class IMRPyfuncModel(PythonModel):
             model_input = pd.DataFrame(model_input)
         clf = self.classifier
         batch_size = int((params or {}).get("batch_size", 32))
-        texts = frame_to_texts(model_input, clf.config.text_view)
+        texts = frame_to_texts(model_input, clf.config.text_view, clf.config.context_view)
         p, P = clf.predict_proba(texts, batch_size=batch_size)
         outcomes, labels = clf.decide(p, P)
         return pd.DataFrame(

@@ -186,3 +186,39 @@ def test_evidence_term_goes_to_the_words_that_made_it(tmp_path):
     for start, g in gap.items():  # each word: its log_words share, and "unclear." also the pattern's whole share
         share = 0.2 * np.log(n_words) / n_words + (-3.0 * np.log(2) if start == unclear else 0.0)
         assert g == pytest.approx(share, abs=1e-4)
+
+
+def test_completeness_with_a_context_view(tmp_path):
+    """model.context_view: the outcome logit is the main part's pooled logit plus the context head's on the
+    context's last window; attributions cover both, and guideline targets only the main part."""
+    from imr_model.views import model_input, split_context
+
+    path = tiny_model(tmp_path / "m", seed=6, pooling="mean_last", window_unit="sentences", context_view="forecast")
+    clf = IMRClassifier.from_pretrained(path)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a context head that says something (it is fit by the logistic refit in training)
+        clf.net.context_head.weight.normal_(0, 1.0)
+    record = {"rationale": " ".join(TEXTS), "request": "Acupuncture x 6",
+              "case_summary": "The worker has chronic neck pain. Utilization review denied acupuncture."}
+    text = model_input(record, "rationale", "forecast")
+    w = clf.make_windows([text])
+    special = (w.offsets == 0).all(dim=-1)
+    base = torch.where(special, w.input_ids, torch.full_like(w.input_ids, clf.tokenizer.pad_token_id))
+    with torch.no_grad():
+        (ox, gx), (ob, gb) = (clf.net(ids, w.attention_mask) for ids in (w.input_ids, base))
+    main = (w.segments == 0).numpy()
+    last_ctx = int(np.flatnonzero(~main)[-1])
+    weights = pooling_weights(ox[main, 0].numpy(), "mean_last")
+    context_part = float(ox[last_ctx, 1] - ob[last_ctx, 1])
+    assert abs(context_part) > 1e-3  # the check below would not see a missing context term
+    expected = float((weights * (ox[main, 0] - ob[main, 0]).numpy()).sum()) + context_part
+    a = attribute(clf, text, n_steps=48)
+    assert sum(x.score for x in a.words) == pytest.approx(expected, abs=2e-3 + 0.02 * abs(expected))
+    o, _ = clf.predict_logits([text])  # the logit explained is the one predict() gives
+    assert float(o[0]) == pytest.approx(float((weights * ox[main, 0].numpy()).sum() + ox[last_ctx, 1]), abs=1e-4)
+    end, start = split_context(text)
+    last_sentence = text.rindex("Utilization review")
+    assert all(x.score == 0.0 for x in a.words if end <= x.start < last_sentence)  # earlier context: not pooled
+    g = attribute(clf, text, target=LABELS[0], n_steps=16)
+    assert all(x.score == 0.0 for x in g.words if x.start >= end)  # guidelines read the main view only
+    assert any(x.score != 0.0 for x in g.words if x.start < end)

@@ -18,6 +18,8 @@ from imr_model.modeling import (
     pool_logits,
 )
 
+from inference_helpers import tiny_config
+
 LONG = " ".join(f"word{i}" for i in range(400))
 TEXTS = ["The request is medically necessary.", "", LONG, "Not medically necessary per MTUS."]
 
@@ -269,3 +271,30 @@ def test_cue_features_fire_on_what_they_name():
     assert {"mention:odg", "body:knee", "odg_not_mtus", "mention:guideline"} <= on[1] and "acoem_x:knee" not in on[1]
     assert on[2] == {"no_source", "short_text"}
     assert len(names) == len(set(names)) == rows.shape[1]
+
+
+def test_context_windows_are_the_two_parts_windowed_apart(label_names):
+    """model.context_view: main and context parts are windowed separately (the separator is never tokenized),
+    offsets index the whole input, segments tell the parts apart; an input without a context part is refused."""
+    from imr_model.views import CONTEXT_SEPARATOR, model_input, split_context
+
+    clf = IMRClassifier.build(tiny_config(window_unit="sentences", context_view="forecast"), label_names)
+    plain = IMRClassifier.build(tiny_config(window_unit="sentences"), label_names)
+    record = {"rationale": "The MTUS supports therapy after surgery. The worker had surgery in May.",
+              "request": "Physical therapy x 12", "case_summary": "The worker injured the knee. Surgery followed."}
+    text = model_input(record, "rationale", "forecast")
+    end, start = split_context(text)
+    assert text[:end] == record["rationale"] and text[start:].startswith("Request: Physical therapy")
+    w = clf.make_windows([text])
+    main, ctx = w.segments == 0, w.segments == 1
+    assert main.any() and ctx.any() and bool((w.segments[:-1] <= w.segments[1:]).all())  # main first, then context
+    for part, rows in ((text[:end], main), (text[start:], ctx)):
+        alone = plain.make_windows([part])
+        assert torch.equal(w.input_ids[rows][:, : alone.input_ids.shape[1]], alone.input_ids)
+    for row in np.flatnonzero(ctx.numpy()):
+        spans = w.offsets[row][(w.offsets[row] > 0).any(dim=-1)]
+        assert int(spans.min()) >= start  # context tokens point into the context part
+    assert "[CONTEXT]" not in clf.tokenizer.decode(w.input_ids.flatten())
+    assert CONTEXT_SEPARATOR.strip() == "[CONTEXT]"
+    with pytest.raises(ValueError, match="no context part"):
+        clf.predict_proba([record["rationale"]])

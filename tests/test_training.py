@@ -568,3 +568,71 @@ def test_training_log_handler_writes_to_the_current_stderr_not_a_closed_earlier_
     finally:
         log.removeHandler(handler)
     assert after.getvalue() == "fold 3 done\n"
+
+
+def _context_split(n_letters: int, label_names, seed: int) -> Split:
+    """Model inputs whose signal sits only in the context part: the planted word closes the context of Overturned items."""
+    from imr_model.views import CONTEXT_SEPARATOR
+
+    plain = _planted_split(n_letters, label_names, seed)
+    rng = np.random.default_rng(seed + 100)
+    filler = ["Request: lumbar MRI.", "The worker was seen in clinic on several occasions for back pain."]
+    texts = []
+    for label in plain.y:
+        main = " ".join(rng.choice(["The guideline criteria are discussed below.", "Records were reviewed in full."],
+                                   size=2, replace=False))  # fmt: skip
+        last = "Zolvaxin improved function markedly." if label else "The worker reports ongoing pain at rest."
+        texts.append(main + CONTEXT_SEPARATOR + " ".join(filler) + " " + last)
+    return Split(texts, plain.y, plain.Y, groups=plain.groups)
+
+
+def test_context_head_reads_the_context_views_last_sentence(tiny_config, label_names):
+    """model.context_view: the main head is the regression without context; the context head adds weight × a
+    regression on the context's last-sentence vector; the out-of-fold logits add up the same way."""
+    from sklearn.metrics import roc_auc_score
+
+    from imr_model.modeling import IMRClassifier
+    from imr_model.views import main_text
+
+    model_cfg = tiny_config.model.model_copy(update={"pooling": "mean_last", "window_unit": "sentences",
+                                                     "context_view": "forecast", "context_weight": 0.5})  # fmt: skip
+    cfg = tiny_config.model_copy(update={"model": model_cfg})
+    train, test = _context_split(30, label_names, 0), _context_split(15, label_names, 1)
+    torch.manual_seed(0)
+    clf = IMRClassifier.build(model_cfg, label_names)
+    info, oof = refit_outcome_head(clf, clf.make_windows(train.texts), train, cfg)
+    torch.manual_seed(0)  # the same random encoder, without the context head
+    plain_cfg = model_cfg.model_copy(update={"context_view": None})
+    plain = IMRClassifier.build(plain_cfg, label_names)
+    main_train = Split([main_text(t) for t in train.texts], train.y, train.Y, groups=train.groups)
+    plain_info, plain_oof = refit_outcome_head(plain, plain.make_windows(main_train.texts), main_train,
+                                               cfg.model_copy(update={"model": plain_cfg}))  # fmt: skip
+    assert torch.equal(clf.net.outcome_head.weight, plain.net.outcome_head.weight)
+    assert info["context"]["view"] == "forecast" and info["context"]["C"] in cfg.train.outcome_head_Cs
+    # Independently: the context's last sentence through the context head, added to the main part's logit.
+    windows = clf.make_windows(test.texts)
+    ctx = windows.segments.numpy() == 1
+    with torch.no_grad():
+        attended, _ = clf.net.encode(windows.input_ids, windows.attention_mask)
+        head_logits = clf.net.context_head(attended).numpy()[:, 0]
+    ids = windows.item_ids.numpy()
+    last_ctx = np.array([np.flatnonzero((ids == i) & ctx)[-1] for i in range(len(test))])
+    main_logits, _ = plain.predict_logits([main_text(t) for t in test.texts])
+    logits, _ = clf.predict_logits(test.texts)
+    assert np.allclose(logits, main_logits + head_logits[last_ctx], atol=1e-4)
+    assert roc_auc_score(test.y, logits) > 0.9 > roc_auc_score(test.y, main_logits)  # the signal is in the context
+    assert roc_auc_score(test.y, head_logits[last_ctx]) == 1.0
+    # calibration sees main out-of-fold logits + weight × the context regression's, at its C
+    ctx_oof = (oof - plain_oof) / 0.5
+    assert roc_auc_score(train.y, ctx_oof) == pytest.approx(info["context"]["cv_auroc_by_C"][str(info["context"]["C"])])
+
+
+def test_context_config_errors():
+    from imr_model.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="context_view.*train.epochs: 0"):
+        load_config("tiny", ["model.context_view=forecast"])
+    with pytest.raises(ConfigError, match="must differ from model.text_view"):
+        load_config("forecast", ["model.context_view=forecast"])
+    with pytest.raises(ConfigError, match="context_view"):
+        load_config("masked", ["model.context_view=rationale"])  # the verdict may not come back as context
