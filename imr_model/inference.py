@@ -144,6 +144,7 @@ class Predictor:
             "version": cfg.version,
             "backbone": cfg.backbone,
             "text_view": cfg.text_view,
+            "context_view": cfg.context_view,  # None, or the view the context head reads (model.context_view)
             "pooling": cfg.pooling,
             "guideline_pooling": cfg.guideline_pool,
             "window_unit": cfg.window_unit,

@@ -123,10 +123,12 @@ class IMRNet(nn.Module):
         """
         attended, mean = self.encode(input_ids, attention_mask)
         attended = self.dropout(attended)
-        outcome = self.outcome_head(attended)
-        if self.context_head is not None:
+        outcome = self.outcome_head(attended)  # (W, 1)
+        if self.context_head is not None:  # (W, 2); no squeeze: ONNX's Squeeze needs a dimension of 1
             outcome = torch.cat([outcome, self.context_head(attended)], dim=-1)
-        return outcome.squeeze(-1), self.guideline_head(self.dropout(mean))
+        else:
+            outcome = outcome.squeeze(-1)
+        return outcome, self.guideline_head(self.dropout(mean))
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The word-embedding layer (the Captum LayerIntegratedGradients target)."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from imr_model.baseline import TfidfFeatures, fit_binary_logistic
-from imr_model.calibration import calibrate, calibrate_outcome
+from imr_model.calibration import calibrate, calibrate_outcome, fit_temperature
 from imr_model.config import LINEAR_POOLINGS, TrainConfig
 from imr_model.cues import cue_matrix, evidence_matrix, label_cue_columns
 from imr_model.metrics import guideline_metrics, outcome_metrics
@@ -353,7 +353,7 @@ def refit_outcome_head(clf: IMRClassifier, windows: Windows, split: Split, cfg: 
     if evidence:  # logit change per unit of each cue (per log(1 + matches); per log(words) for log_words)
         info["evidence_weights"] = {name: round(float(x), 4) for name, x in zip(clf.config.outcome_cue_names, evidence_w)}
     if clf.net.context_head is not None:
-        info["context"], oof_context = _refit_context_head(clf, vectors, windows, y, folds, cfg)
+        info["context"], oof_context = _refit_context_head(clf, vectors, windows, y, folds, cfg, oof)
         oof = None if oof is None or oof_context is None else oof + oof_context
     return info, oof
 
@@ -389,11 +389,13 @@ def _pool_part(vectors: torch.Tensor, windows: Windows, n_items: int, mode: str,
 
 
 def _refit_context_head(clf: IMRClassifier, vectors: torch.Tensor, windows: Windows, y: np.ndarray, folds: list,
-                        cfg: TrainConfig) -> tuple[dict, np.ndarray | None]:  # fmt: skip
+                        cfg: TrainConfig, main_oof: np.ndarray | None) -> tuple[dict, np.ndarray | None]:  # fmt: skip
     """Fit the context head (`model.context_view`) as the forecast model's outcome head is fit: an L2 logistic
-    regression on the vector of the context's last sentence, C by the same grouped folds; its logit enters
-    the item's outcome logit × `model.context_weight`. Returns what was chosen and the weighted
-    out-of-fold logits (added to the main head's for calibration).
+    regression on the vector of the context's last sentence, C by the same grouped folds. Both regressions'
+    logits are first put on the scale of calibrated log-odds (each divided by the temperature its own
+    out-of-fold logits call for), then the context's enters × `model.context_weight`: so the head's logit is
+    context_weight × T_main / T_context × the regression's. Returns what was chosen and the scaled out-of-fold
+    logits (added to the main head's for calibration).
 
     Probe on the shared letters (grouped 5-fold CV, per-fold domain-adapted MiniLM, the masked and
     forecast models fit separately and their logits added afterwards): masked outcome AUROC / AUPRC
@@ -404,12 +406,14 @@ def _refit_context_head(clf: IMRClassifier, vectors: torch.Tensor, windows: Wind
     mu, sd = _scales(X)
     model, best_C, scores, oof = _grouped_logistic((X - mu) / sd, y, folds, cfg.train.outcome_head_Cs)
     weight = clf.config.context_weight
+    if oof is not None and main_oof is not None and not (np.isnan(oof).any() or np.isnan(main_oof).any()):
+        weight *= fit_temperature(main_oof, y) / fit_temperature(oof, y)
     w = model.coef_[0] / sd * weight
     b = float(model.intercept_[0] * weight - np.dot(w, mu))
     with torch.no_grad():
         clf.net.context_head.weight.copy_(torch.as_tensor(w, dtype=torch.float32).view(1, -1))
         clf.net.context_head.bias.fill_(b)
-    info = {"view": clf.config.context_view, "weight": weight, "C": best_C,
+    info = {"view": clf.config.context_view, "weight": clf.config.context_weight, "scale": weight, "C": best_C,
             "cv_auroc_by_C": {str(c): v for c, v in scores.items()}}  # fmt: skip
     return info, None if oof is None else oof * weight
 

@@ -609,6 +609,11 @@ def test_context_head_reads_the_context_views_last_sentence(tiny_config, label_n
                                                cfg.model_copy(update={"model": plain_cfg}))  # fmt: skip
     assert torch.equal(clf.net.outcome_head.weight, plain.net.outcome_head.weight)
     assert info["context"]["view"] == "forecast" and info["context"]["C"] in cfg.train.outcome_head_Cs
+    from imr_model.calibration import fit_temperature
+
+    # the context regression's logits count at the main head's calibrated scale × context_weight
+    ratio = fit_temperature(plain_oof, train.y) / fit_temperature((oof - plain_oof) / info["context"]["scale"], train.y)
+    assert info["context"]["scale"] == pytest.approx(0.5 * ratio, rel=1e-3)
     # Independently: the context's last sentence through the context head, added to the main part's logit.
     windows = clf.make_windows(test.texts)
     ctx = windows.segments.numpy() == 1
@@ -623,7 +628,7 @@ def test_context_head_reads_the_context_views_last_sentence(tiny_config, label_n
     assert roc_auc_score(test.y, logits) > 0.9 > roc_auc_score(test.y, main_logits)  # the signal is in the context
     assert roc_auc_score(test.y, head_logits[last_ctx]) == 1.0
     # calibration sees main out-of-fold logits + weight × the context regression's, at its C
-    ctx_oof = (oof - plain_oof) / 0.5
+    ctx_oof = (oof - plain_oof) / info["context"]["scale"]
     assert roc_auc_score(train.y, ctx_oof) == pytest.approx(info["context"]["cv_auroc_by_C"][str(info["context"]["C"])])
 
 
