@@ -425,8 +425,8 @@ class IMRClassifier:
         o = torch.as_tensor(np.asarray(outcome_logits, dtype=np.float32))
         g = torch.as_tensor(np.asarray(guideline_logits, dtype=np.float32))
         if self.net.context_head is None:
-            return pool_logits(o, ids, n_items, self.config.pooling).numpy(), \
-                pool_logits(g, ids, n_items, self.config.guideline_pool).numpy()
+            o_item = pool_logits(o, ids, n_items, self.config.pooling)
+            return o_item.numpy(), pool_logits(g, ids, n_items, self.config.guideline_pool).numpy()
         if segments is None:
             raise ValueError("a model with model.context_view needs the windows' segments to pool")
         main = torch.as_tensor(np.asarray(segments)) == 0
