@@ -120,6 +120,10 @@ class BaselineModel:
         return _sigmoid(o / self.temperature), _sigmoid(g)
 
     # --------------------------------------------------------------------------- IO
+    def decide_guidelines(self, guideline_probs: np.ndarray) -> np.ndarray:
+        """0/1 guideline decisions (N, L): each label independently at its threshold (one-vs-rest)."""
+        return (np.asarray(guideline_probs) >= self.guideline_thresholds[None, :]).astype(int)
+
     def save(self, path: str | Path) -> None:
         """Write `baseline.json` + `baseline.safetensors` into a directory."""
         path = Path(path)

@@ -144,6 +144,11 @@ class TrainSection(_Section):
     # prior * support / (n + support) on the cues that name it (cues.yaml label_cues); 0 = off
     guideline_cue_prior: float = Field(8.0, ge=0)
     guideline_cue_prior_support: float = Field(3.0, gt=0)
+    # one_basis: every item gets its most probable decision-basis label (taxonomy.yaml `decision_basis`: an MTUS
+    # chapter, OUTSIDE_MTUS or NO_CITATION), plus another one only above a probability chosen on held-out items
+    # (out-of-fold for the logistic head, validation otherwise; calibration.decide_labels); independent: every label
+    # at its own threshold
+    guideline_decoding: Literal["independent", "one_basis"] = "one_basis"
     max_windows_per_step: int = Field(16, ge=1)  # larger batches are split (gradient accumulation): bounds memory
     threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = leave torch's default
 

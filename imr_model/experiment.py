@@ -96,11 +96,10 @@ def compare_rows(split: Split, label_names: Sequence[str], train_rate: float, mo
     """{"majority"|name: {"outcome", "guidelines"}} on one split; majority predicts the training rate."""
     rows = {}
     p_major = np.full(len(split), float(train_rate))
-    rows["majority"] = score_predictions(split, p_major, np.zeros_like(split.Y, dtype=float), 0.5,
-                                         np.full(len(label_names), 0.5), label_names)  # fmt: skip
+    rows["majority"] = score_predictions(split, p_major, np.zeros_like(split.Y), 0.5, label_names)
     for name, model in models.items():
         p, P = model.predict_proba(split.texts)
-        rows[name] = score_predictions(split, p, P, model.outcome_threshold, model.guideline_thresholds, label_names)
+        rows[name] = score_predictions(split, p, model.decide_guidelines(P), model.outcome_threshold, label_names)
         rows[name]["_probabilities"] = p
     return rows
 
@@ -234,7 +233,7 @@ def cross_validate(cfg: TrainConfig, records: list[dict], k: int, label_names: S
         for name, model in models.items():
             p, P = model.predict_proba(test.texts)
             probs[name][te], thr[name][te] = p, model.outcome_threshold
-            decided[name][te] = (P >= model.guideline_thresholds[None, :]).astype(int)
+            decided[name][te] = model.decide_guidelines(P)
         fold_auc = outcome_metrics(test.y, probs["model"][te], 0.5)["auroc"]
         logger.info("CV fold %d/%d: %d test items, model AUROC %.3f, %.0fs", fold + 1, k, len(te), fold_auc,
                     time.perf_counter() - start)  # fmt: skip
@@ -475,3 +474,6 @@ class _BatchedScorer:
 
     def predict_proba(self, texts):
         return self.clf.predict_proba(texts, batch_size=self.batch_size)
+
+    def decide_guidelines(self, guideline_probs):
+        return self.clf.decide_guidelines(guideline_probs)

@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from imr_model.baseline import TfidfFeatures
+from imr_model.calibration import decide_labels
 from imr_model.config import POOLINGS, ModelConfig, hub_offline, resolve_backbone
 from imr_model.cues import cue_matrix, cue_names, cue_version, evidence_matrix, evidence_names, evidence_version
 from imr_model.views import main_text
@@ -244,6 +245,8 @@ class IMRClassifier:
         device: str = "cpu",
         tfidf_vocabulary: Sequence[str] | None = None,
         tfidf_ngram_max: int = 2,
+        guideline_basis: Sequence[str] = (),
+        guideline_basis_extra: float = 1.0,
     ):
         n_labels = len(config.label_names)
         if net.guideline_head.out_features != n_labels:
@@ -260,6 +263,12 @@ class IMRClassifier:
         if thresholds.shape != (n_labels,):
             raise ValueError(f"guideline_thresholds has shape {thresholds.shape}, expected ({n_labels},)")
         self.guideline_thresholds = thresholds.astype(np.float64)
+        unknown = [b for b in guideline_basis if b not in config.label_names]
+        if unknown:
+            raise ValueError(f"guideline_basis names {unknown}, not among the model's labels {list(config.label_names)}")
+        # decision-basis labels (taxonomy `decision_basis`) decoded as one per item; empty = independent decisions
+        self.guideline_basis = tuple(guideline_basis)
+        self.guideline_basis_extra = float(guideline_basis_extra)
         self.metrics = dict(metrics or {})
         self.tfidf: TfidfFeatures | None = None
         if net.guideline_tfidf is not None:
@@ -336,6 +345,7 @@ class IMRClassifier:
         calibration = _read_json(path / CALIBRATION_FILE) or {}
         label_thr = calibration.get("guideline_thresholds", {})
         thresholds = np.array([float(label_thr.get(name, 0.5)) for name in config.label_names])
+        basis = calibration.get("guideline_basis") or {}  # absent in models saved before one-basis decoding
         return cls(
             config,
             net,
@@ -347,6 +357,8 @@ class IMRClassifier:
             device=device,
             tfidf_vocabulary=vocabulary,
             tfidf_ngram_max=ngram_max,
+            guideline_basis=basis.get("labels", ()),
+            guideline_basis_extra=basis.get("extra_threshold", 1.0),
         )
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -369,6 +381,7 @@ class IMRClassifier:
             "temperature": self.temperature,
             "outcome_threshold": self.outcome_threshold,
             "guideline_thresholds": dict(zip(self.label_names, map(float, self.guideline_thresholds))),
+            "guideline_basis": {"labels": list(self.guideline_basis), "extra_threshold": self.guideline_basis_extra},
         }
 
     # ----------------------------------------------------------------------------- inference
@@ -481,11 +494,17 @@ class IMRClassifier:
         """Item logits → probabilities: temperature-scaled outcome, plain sigmoid for guidelines."""
         return _sigmoid(np.asarray(outcome_logits) / self.temperature), _sigmoid(np.asarray(guideline_logits))
 
+    def decide_guidelines(self, guideline_probs: np.ndarray) -> np.ndarray:
+        """Guideline probabilities (N, L) → 0/1 decisions (N, L): fitted thresholds, and one decision basis per
+        item when the model was fit with `train.guideline_decoding: one_basis` (`calibration.decide_labels`)."""
+        basis = [self.label_names.index(b) for b in self.guideline_basis]
+        return decide_labels(guideline_probs, self.guideline_thresholds, basis, self.guideline_basis_extra)
+
     def decide(self, p_overturned: np.ndarray, guideline_probs: np.ndarray) -> tuple[list[str], list[list[str]]]:
         """Probabilities → outcome names and predicted label sets, using the fitted thresholds."""
         upheld, overturned = self.config.outcome_labels
         outcomes = [overturned if p >= self.outcome_threshold else upheld for p in np.asarray(p_overturned)]
-        chosen = np.asarray(guideline_probs) >= self.guideline_thresholds[None, :]
+        chosen = self.decide_guidelines(guideline_probs)
         labels = [[name for name, on in zip(self.label_names, row) if on] for row in chosen]
         return outcomes, labels
 

@@ -31,6 +31,7 @@ class Taxonomy:
     non_mtus: dict[str, tuple[re.Pattern, ...]]
     anywhere: dict[str, tuple[re.Pattern, ...]]
     odg_chapters: tuple[tuple[str, re.Pattern], ...]
+    decision_basis: tuple[str, ...] = ()  # labels naming what a decision was based on: one per item, rarely more
 
     def to_dict(self) -> dict:
         """JSON-ready description stored inside model directories."""
@@ -53,7 +54,15 @@ def load_taxonomy() -> Taxonomy:
         non_mtus={e["id"]: _compile(e.get("non_mtus")) for e in raw["labels"]},
         anywhere={e["id"]: _compile(e.get("anywhere")) for e in raw["labels"]},
         odg_chapters=tuple((c["chapter"], re.compile(c["pattern"], re.I)) for c in raw["odg_chapters"]),
+        decision_basis=_basis(raw.get("decision_basis") or [], labels),
     )
+
+
+def _basis(names: list[str], labels: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [n for n in names if n not in labels]
+    if unknown:
+        raise ValueError(f"taxonomy.yaml decision_basis names unknown labels {unknown}; labels are {list(labels)}")
+    return tuple(names)
 
 
 LABELS: tuple[str, ...] = load_taxonomy().labels

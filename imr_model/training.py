@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from imr_model.baseline import TfidfFeatures, fit_binary_logistic
-from imr_model.calibration import calibrate, calibrate_outcome, fit_temperature
+from imr_model.calibration import calibrate, calibrate_outcome, decide_labels, fit_basis_extra, fit_temperature
 from imr_model.config import LINEAR_POOLINGS, TrainConfig
 from imr_model.cues import cue_matrix, evidence_matrix, label_cue_columns
 from imr_model.metrics import guideline_metrics, outcome_metrics
@@ -74,12 +74,14 @@ def concat_splits(a: Split, b: Split) -> Split:
 
 
 class Scorer(Protocol):
-    """Anything with calibrated probabilities and fitted thresholds (IMRClassifier, BaselineModel)."""
+    """Anything with calibrated probabilities and fitted decision rules (IMRClassifier, BaselineModel)."""
 
     outcome_threshold: float
     guideline_thresholds: np.ndarray
 
     def predict_proba(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def decide_guidelines(self, guideline_probs: np.ndarray) -> np.ndarray: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -481,6 +483,11 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
     decides rare labels, the regression frequent ones. Frozen-MiniLM probe on the shared letters
     (grouped 5-fold CV, 3 fold assignments): macro-F1 .485 → .678 on `rationale`, .485 → .673 on
     `rationale_masked`, micro-F1 .841 → .843 and .835 → .833.
+
+    One-basis decoding (`train.guideline_decoding: one_basis`, `calibration.decide_labels`): C and the
+    extra-basis threshold are chosen together, by the micro-F1 of one-basis decisions on the same grouped
+    out-of-fold probabilities, which then include the cue prior (from each fold's label counts), because
+    argmax across labels compares the prior-shifted logits the final head will have.
     """
     from sklearn.metrics import f1_score
     from sklearn.model_selection import GroupKFold
@@ -497,17 +504,31 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
     groups = split.group_ids
     k = min(5, len(set(groups.tolist())))
     Cs = list(cfg.train.guideline_head_Cs)
+    basis = decision_basis_columns(clf.label_names) if cfg.train.guideline_decoding == "one_basis" else []
+    half = np.full(Y.shape[1], 0.5)
     scores: dict[float, float] = {}
-    if k >= 2 and len(Cs) > 1:
+    extra: dict[float, tuple[float, dict]] = {}  # C → (basis_extra, held-out micro-F1 of each candidate)
+    if k >= 2 and (len(Cs) > 1 or basis):
         folds = list(GroupKFold(n_splits=k).split(F, Y[:, 0], groups))
+        # one_basis compares probabilities across labels, so the held-out logits get the cue prior the final head
+        # will have (from each fold's own label counts); independent decisions keep the plain regression's
+        named = _cue_prior_inputs(clf, split.texts) if basis and cfg.train.guideline_cue_prior > 0 else None
         for C in Cs:
             oof = np.zeros(Y.shape)
             for tr, te in folds:
                 for j in range(Y.shape[1]):
                     w, b = fit_binary_logistic(F[tr], Y[tr, j], C=C, seed=seed)
-                    oof[te, j] = F[te] @ w + b > 0
-            scores[C] = float(f1_score(Y, oof, average="micro", zero_division=0))
+                    oof[te, j] = F[te] @ w + b
+                if named is not None:
+                    oof[te] += named[te] * _cue_prior(cfg, Y[tr])[None, :]
+            P = 1.0 / (1.0 + np.exp(-oof))
+            if basis:
+                extra[C] = fit_basis_extra(Y, P, half, basis)
+            decided = decide_labels(P, half, basis, extra[C][0] if basis else 1.0)
+            scores[C] = float(f1_score(Y, decided, average="micro", zero_division=0))
     best_C = max(scores, key=lambda c: (scores[c], -c)) if scores else Cs[0]
+    clf.guideline_basis = tuple(clf.label_names[j] for j in basis)
+    clf.guideline_basis_extra = extra[best_C][0] if best_C in extra else 1.0
     W = np.zeros((Y.shape[1], F.shape[1]))
     b = np.zeros(Y.shape[1])
     for j in range(Y.shape[1]):
@@ -522,8 +543,7 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
         if net.guideline_cues is not None:
             n = net.guideline_cues.in_features
             cue_w = W[:, offset : offset + n] * CUE_BLOCK_WEIGHT
-            prior = cfg.train.guideline_cue_prior * cfg.train.guideline_cue_prior_support / (
-                Y.sum(axis=0) + cfg.train.guideline_cue_prior_support)  # fmt: skip
+            prior = _cue_prior(cfg, Y)
             for j, columns in enumerate(label_cue_columns(clf.label_names)):
                 cue_w[j, columns] += prior[j]
                 applied[clf.label_names[j]] = round(float(prior[j]), 4)
@@ -532,7 +552,43 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
         if net.guideline_tfidf is not None:
             net.guideline_tfidf.weight.copy_(t(W[:, offset:]))
     return {"C": best_C, "cv_micro_f1_by_C": {str(c): v for c, v in scores.items()}, "folds": k,
-            "features": int(F.shape[1]), "cue_prior": applied}  # fmt: skip
+            "features": int(F.shape[1]), "cue_prior": applied, "decoding": cfg.train.guideline_decoding,
+            "basis_extra": clf.guideline_basis_extra if basis else None,
+            "cv_micro_f1_by_basis_extra": extra[best_C][1] if best_C in extra else None}  # fmt: skip
+
+
+def _cue_prior(cfg: TrainConfig, Y: np.ndarray) -> np.ndarray:
+    """(L,) the cue prior's weight per label, prior · s / (n + s), n = the label's positives in `Y`."""
+    support = cfg.train.guideline_cue_prior_support
+    return cfg.train.guideline_cue_prior * support / (Y.sum(axis=0) + support)
+
+
+def _cue_prior_inputs(clf: IMRClassifier, texts: Sequence[str]) -> np.ndarray | None:
+    """(N, L) how many of each label's naming cues every text matches (what the cue prior multiplies)."""
+    if clf.net.guideline_cues is None:
+        return None
+    cues = cue_matrix([main_text(t) for t in texts]).astype(np.float64)
+    return np.stack([cues[:, columns].sum(axis=1) for columns in label_cue_columns(clf.label_names)], axis=1)
+
+
+def decision_basis_columns(label_names: Sequence[str]) -> list[int]:
+    """Column indices of the taxonomy's decision-basis labels (`taxonomy.yaml` `decision_basis`) among `label_names`."""
+    from imr_model.taxonomy import load_taxonomy
+
+    basis = set(load_taxonomy().decision_basis)
+    return [j for j, name in enumerate(label_names) if name in basis]
+
+
+def _fit_basis_on_validation(clf: IMRClassifier, w_val: Windows, val: Split, cfg: TrainConfig) -> None:
+    """One-basis decoding for a gradient-trained guideline head: its extra-basis threshold from validation items."""
+    basis = decision_basis_columns(clf.label_names)
+    if not basis:
+        return
+    o, g = item_logits(clf, w_val, val.texts, cfg.train.eval_batch_size)
+    _, P = clf.calibrate(o, g)
+    clf.guideline_basis = tuple(clf.label_names[j] for j in basis)
+    clf.guideline_basis_extra, scores = fit_basis_extra(val.Y, P, clf.guideline_thresholds, basis)
+    clf.metrics["guideline_basis_extra_val_micro_f1"] = scores
 
 
 def refit_guideline_head(clf: IMRClassifier, w_train: Windows, train: Split, w_val: Windows, val: Split,
@@ -665,6 +721,8 @@ def train_classifier(
     else:
         calibrate(clf, w_val, val, cfg.train.eval_batch_size, cfg.train.threshold_rule,
                   label_thresholds=cfg.train.guideline_head != "logistic")  # fmt: skip
+        if cfg.train.guideline_head != "logistic" and cfg.train.guideline_decoding == "one_basis":
+            _fit_basis_on_validation(clf, w_val, val, cfg)
         clf.metrics["calibrated_on"] = f"{len(val)} validation items"
     clf.metrics.update({"best_epoch": best_epoch, "pos_weight": pos_weight})
     clf.net.eval()
@@ -677,17 +735,16 @@ def predict_split(model: Scorer, split: Split) -> tuple[np.ndarray, np.ndarray]:
 
 
 def score_predictions(
-    split: Split, p: np.ndarray, P: np.ndarray, outcome_threshold: float, guideline_thresholds: np.ndarray,
-    label_names: Sequence[str],
+    split: Split, p: np.ndarray, decided: np.ndarray, outcome_threshold: float, label_names: Sequence[str],
 ) -> dict:  # fmt: skip
-    """{"outcome": outcome_metrics, "guidelines": guideline_metrics} for given probabilities."""
+    """{"outcome": outcome_metrics, "guidelines": guideline_metrics} for outcome probabilities and 0/1 guideline decisions."""
     return {
         "outcome": outcome_metrics(split.y, p, outcome_threshold),
-        "guidelines": guideline_metrics(split.Y, (P >= np.asarray(guideline_thresholds)[None, :]).astype(int), label_names),
+        "guidelines": guideline_metrics(split.Y, np.asarray(decided).astype(int), label_names),
     }
 
 
 def evaluate(model: Scorer, split: Split, label_names: Sequence[str]) -> dict:
     """Score a fitted model on a split with its own thresholds."""
     p, P = predict_split(model, split)
-    return score_predictions(split, p, P, model.outcome_threshold, model.guideline_thresholds, label_names)
+    return score_predictions(split, p, model.decide_guidelines(P), model.outcome_threshold, label_names)

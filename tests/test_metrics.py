@@ -11,6 +11,8 @@ from sklearn import metrics as skm
 from imr_model.calibration import (
     best_f1_threshold,
     binary_nll,
+    decide_labels,
+    fit_basis_extra,
     fit_label_thresholds,
     fit_temperature,
     fit_threshold,
@@ -139,3 +141,41 @@ def test_half_max_f1_threshold_and_rules():
     assert half_max_f1_threshold([0, 0], [0.2, 0.9]) == 0.5
     with pytest.raises(ValueError, match="valid: half_max_f1, best_f1"):
         fit_threshold(y, s, "youden")
+
+
+def test_decide_labels_gives_one_basis_label_per_item():
+    # columns 0-2 are decision-basis labels, column 3 a source cited beside them (e.g. ODG)
+    P = np.array([[0.30, 0.20, 0.10, 0.90],   # no basis label reaches 0.5: the top one is still chosen
+                  [0.80, 0.70, 0.10, 0.20],   # two reach 0.5: only the top one (0.7 is below basis_extra)
+                  [0.99, 0.98, 0.10, 0.60],   # a second basis label above basis_extra stays
+                  [0.10, 0.40, 0.45, 0.40]])
+    thr = np.full(4, 0.5)
+    assert decide_labels(P, thr).tolist() == [[0, 0, 0, 1], [1, 1, 0, 0], [1, 1, 0, 1], [0, 0, 0, 0]]
+    assert decide_labels(P, thr, [0, 1, 2], 0.97).tolist() == [[1, 0, 0, 1], [1, 0, 0, 0], [1, 1, 0, 1], [0, 0, 1, 0]]
+    assert decide_labels(P, thr, [0, 1, 2], 1.0).tolist() == [[1, 0, 0, 1], [1, 0, 0, 0], [1, 0, 0, 1], [0, 0, 1, 0]]
+    # a second basis label must also pass its own threshold
+    assert decide_labels(P, np.array([0.5, 0.99, 0.5, 0.5]), [0, 1, 2], 0.9)[2].tolist() == [1, 0, 0, 1]
+    assert decide_labels(np.zeros((0, 4)), thr, [0, 1, 2]).shape == (0, 4)
+    with pytest.raises(ValueError, match=r"P has shape \(4, 4\) but thresholds \(3,\)"):
+        decide_labels(P, np.full(3, 0.5))
+
+
+def test_fit_basis_extra_picks_the_rule_the_held_out_labels_follow():
+    rng = np.random.default_rng(0)
+    n = 60
+    truth = rng.integers(0, 3, n)
+    Y = np.zeros((n, 3), dtype=int)
+    Y[np.arange(n), truth] = 1
+    P = rng.uniform(0.0, 0.3, (n, 3))
+    P[np.arange(n), truth] = rng.uniform(0.4, 0.95, n)  # the true basis is the most probable, not always above 0.5
+    P[np.arange(n), (truth + 1) % 3] = np.minimum(P[np.arange(n), truth] - 0.01, 0.9)  # a runner-up, often above 0.5
+    thr = np.full(3, 0.5)
+    extra, scores = fit_basis_extra(Y, P, thr, [0, 1, 2])
+    assert scores["independent"] < scores["1.0"] == 1.0  # exactly one basis label is exactly right here
+    assert extra == 1.0  # ties go to the larger threshold
+    Y2 = Y.copy()
+    Y2[:10, :] = 1  # ten items cite every chapter, with probabilities to match
+    P2 = P.copy()
+    P2[:10, :] = 0.99
+    extra2, scores2 = fit_basis_extra(Y2, P2, thr, [0, 1, 2])
+    assert extra2 == 0.97 and scores2["0.97"] > scores2["1.0"]

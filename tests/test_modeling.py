@@ -147,6 +147,30 @@ def test_save_and_load_roundtrip(tiny_classifier, tmp_path):
     assert loaded.net.get_input_embeddings() is loaded.net.encoder.get_input_embeddings()
 
 
+def test_one_basis_decoding_is_saved_and_old_directories_decide_independently(tiny_classifier, tmp_path):
+    names = tiny_classifier.label_names
+    basis = [n for n in names if n.startswith("ACOEM_") and n != "ACOEM_3RD"]
+    clf = IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer,
+                        guideline_basis=basis, guideline_basis_extra=0.97)  # fmt: skip
+    P = np.full((2, len(names)), 0.6)
+    P[0, names.index(basis[2])] = 0.8
+    _, labels = clf.decide(np.array([0.1, 0.9]), P)
+    assert [x for x in labels[0] if x in basis] == [basis[2]]  # one basis label, the most probable
+    assert [x for x in labels[0] if x not in basis] == [n for n in names if n not in basis]  # the rest at 0.5
+    clf.save_pretrained(tmp_path)
+    loaded = IMRClassifier.from_pretrained(tmp_path)
+    assert loaded.guideline_basis == tuple(basis) and loaded.guideline_basis_extra == 0.97
+    assert loaded.decide(np.array([0.1, 0.9]), P) == clf.decide(np.array([0.1, 0.9]), P)
+    record = json.loads((tmp_path / CALIBRATION_FILE).read_text())
+    del record["guideline_basis"]  # a directory saved before one-basis decoding
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(record))
+    old = IMRClassifier.from_pretrained(tmp_path)
+    assert old.guideline_basis == () and old.decide_guidelines(P).sum() == P.size  # every label at 0.5
+    with pytest.raises(ValueError, match="guideline_basis names \\['NOT_A_LABEL'\\]"):
+        IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer,
+                      guideline_basis=["NOT_A_LABEL"])  # fmt: skip
+
+
 def test_input_validation(tiny_classifier, tmp_path):
     with pytest.raises(TypeError, match="wrap a single text"):
         tiny_classifier.predict_proba("a single text")

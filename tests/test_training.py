@@ -233,7 +233,10 @@ def test_logistic_guideline_head_is_the_joint_regression(tiny_config, label_name
     cfg = tiny_config.model_copy(update={"model": model_cfg,
                                          "train": tiny_config.train.model_copy(update={"guideline_head": "logistic",
                                                                                        "head_epochs": 0,
-                                                                                       "guideline_cue_prior": 0.0})})  # fmt: skip
+                                                                                       "guideline_cue_prior": 0.0,
+                                                                                       # the C search then ignores
+                                                                                       # the prior (see below)
+                                                                                       "guideline_decoding": "independent"})})  # fmt: skip
     train, test = _planted_guideline_split(40, label_names, 0), _planted_guideline_split(20, label_names, 1)
     clf = IMRClassifier.build(model_cfg, label_names, tfidf=TfidfFeatures.fit(train.texts, max_features=500))
     assert clf.net.guideline_tfidf.in_features == len(clf.tfidf) <= 500
@@ -279,6 +282,66 @@ def test_logistic_guideline_head_is_the_joint_regression(tiny_config, label_name
         loaded = IMRClassifier.from_pretrained(tmp)
         assert loaded.tfidf.vocabulary == clf.tfidf.vocabulary
         assert np.allclose(loaded.predict_logits(test.texts)[1], shifted, atol=1e-5)
+
+
+def test_one_basis_decoding_is_chosen_out_of_fold_and_gives_each_item_one_basis(tiny_config, label_names):
+    """train.guideline_decoding=one_basis: the extra-basis threshold comes from the regression's grouped
+    out-of-fold probabilities, and every item gets exactly its most probable decision-basis label."""
+    from imr_model.baseline import TfidfFeatures
+    from imr_model.calibration import BASIS_EXTRA_GRID
+    from imr_model.metrics import guideline_metrics
+    from imr_model.modeling import IMRClassifier
+    from imr_model.taxonomy import load_taxonomy
+
+    names = list(label_names)
+    odg = names.index("ODG")
+    named = {names.index("MTUS_CHRONIC_PAIN"): "Chronic pain guidelines apply.",
+             names.index("ACOEM_NECK"): "Neck complaints are addressed.",
+             names.index("ACOEM_LOW_BACK"): "Low back complaints are addressed."}  # fmt: skip
+
+    def split(n: int, seed: int) -> Split:  # one basis per item, named by a sentence; ODG cited beside it sometimes
+        rng = np.random.default_rng(seed)
+        texts, Y, groups = [], np.zeros((n, len(names))), []
+        for i in range(n):
+            j = int(rng.choice(list(named)))
+            sentences = ["The injured worker reports pain.", "Medication helps with sleep."]
+            if rng.random() < 0.7:  # the other items never say which basis: the regression must guess
+                sentences.append(named[j])
+            if rng.random() < 0.3:
+                sentences.append("ODG was also consulted.")
+                Y[i, odg] = 1
+            Y[i, j] = 1
+            texts.append(" ".join(sentences))
+            groups.append(f"L{i // 2}")
+        return Split(texts, np.zeros(n), Y, groups=groups)
+
+    torch.manual_seed(0)
+    model_cfg = tiny_config.model.model_copy(update={"guideline_pooling": "mean", "window_unit": "sentences",
+                                                     "guideline_tfidf": True})  # fmt: skip
+    train_cfg = tiny_config.train.model_copy(update={"guideline_head": "logistic", "head_epochs": 0,
+                                                     "guideline_decoding": "one_basis"})  # fmt: skip
+    cfg = tiny_config.model_copy(update={"model": model_cfg, "train": train_cfg})
+    train, test = split(80, 0), split(40, 1)
+    clf = IMRClassifier.build(model_cfg, names, tfidf=TfidfFeatures.fit(train.texts, max_features=500))
+    info = refit_guideline_logistic(clf, clf.make_windows(train.texts), train, cfg)
+    assert info["decoding"] == "one_basis" and info["basis_extra"] in BASIS_EXTRA_GRID
+    assert set(info["cv_micro_f1_by_basis_extra"]) == {"independent", *map(str, BASIS_EXTRA_GRID)}
+    assert info["cv_micro_f1_by_basis_extra"][str(info["basis_extra"])] == max(info["cv_micro_f1_by_basis_extra"].values())
+    assert clf.guideline_basis == tuple(n for n in names if n in load_taxonomy().decision_basis)
+    _, P = clf.predict_proba(test.texts)
+    decided = clf.decide_guidelines(P)
+    basis = [names.index(b) for b in clf.guideline_basis]
+    assert (decided[:, basis].sum(axis=1) >= 1).all()
+    if info["basis_extra"] == 1.0:
+        assert (decided[:, basis].sum(axis=1) == 1).all()
+    assert np.array_equal(decided[:, odg], (P[:, odg] >= 0.5).astype(int))  # ODG is decided on its own
+    one = guideline_metrics(test.Y, decided, names)["micro_f1"]
+    independent = guideline_metrics(test.Y, (P >= 0.5).astype(int), names)["micro_f1"]
+    assert (((P[:, basis] >= 0.5).sum(axis=1)) != 1).any()  # independent decisions left items with none or two
+    assert one >= independent
+    off = cfg.model_copy(update={"train": train_cfg.model_copy(update={"guideline_decoding": "independent"})})
+    assert refit_guideline_logistic(clf, clf.make_windows(train.texts), train, off)["basis_extra"] is None
+    assert clf.guideline_basis == () and np.array_equal(clf.decide_guidelines(P), (P >= 0.5).astype(int))
 
 
 def test_fit_on_validation_fits_heads_on_both_and_calibrates_out_of_fold(tiny_config, label_names):
