@@ -16,6 +16,7 @@ from scipy.optimize import minimize_scalar
 from sklearn import metrics as skm
 
 from imr_model.metrics import _as_binary, _check_same_length
+from imr_model.taxonomy import decision_basis_columns
 
 
 def fit_temperature(logits, y_true, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
@@ -94,13 +95,14 @@ def fit_label_thresholds(Y_true, P, default: float = 0.5, rule: str = "best_f1")
 
 
 def calibrate(clf, windows, val, batch_size: int = 32, rule: str = "half_max_f1", *,
-              label_thresholds: bool = True) -> None:  # fmt: skip
+              label_thresholds: bool = True, one_basis: bool = False) -> None:  # fmt: skip
     """Fit temperature, outcome threshold and per-label thresholds on validation items, in place.
 
     The transformer's probabilities are calibrated (temperature for the outcome; unweighted BCE for
     the guidelines), so `rule` defaults to half the best F1 (see metrics.half_max_f1_threshold).
     `label_thresholds=False` keeps every label at 0.5: a class-balanced guideline head
     (`train.guideline_head: logistic`) puts its decision point there, as the baseline's does.
+    `one_basis=True` also fits one-basis decoding (`decide_labels`) on the same items.
     """
     from imr_model.training import item_logits
 
@@ -109,6 +111,11 @@ def calibrate(clf, windows, val, batch_size: int = 32, rule: str = "half_max_f1"
     _, P = clf.calibrate(o, g)
     clf.guideline_thresholds = (fit_label_thresholds(val.Y, P, rule=rule) if label_thresholds
                                 else np.full(len(clf.label_names), 0.5))  # fmt: skip
+    basis = decision_basis_columns(clf.label_names) if one_basis else []
+    if basis:
+        clf.guideline_basis = tuple(clf.label_names[j] for j in basis)
+        clf.guideline_basis_extra, scores = fit_basis_extra(val.Y, P, clf.guideline_thresholds, basis)
+        clf.metrics["guideline_basis_extra_val_micro_f1"] = scores
 
 
 def calibrate_outcome(clf, outcome_logits, y_true, rule: str = "half_max_f1") -> None:

@@ -470,7 +470,7 @@ class _BatchedScorer:
 
     def __init__(self, clf, batch_size: int):
         self.clf, self.batch_size = clf, batch_size
-        self.outcome_threshold, self.guideline_thresholds = clf.outcome_threshold, clf.guideline_thresholds
+        self.outcome_threshold = clf.outcome_threshold
 
     def predict_proba(self, texts):
         return self.clf.predict_proba(texts, batch_size=self.batch_size)

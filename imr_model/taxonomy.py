@@ -65,6 +65,12 @@ def _basis(names: list[str], labels: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def decision_basis_columns(label_names) -> list[int]:
+    """Column indices of the decision-basis labels (`decision_basis` in taxonomy.yaml) among `label_names`."""
+    basis = set(load_taxonomy().decision_basis)
+    return [j for j, name in enumerate(label_names) if name in basis]
+
+
 LABELS: tuple[str, ...] = load_taxonomy().labels
 TAXONOMY_VERSION: int = load_taxonomy().version
 

@@ -33,6 +33,7 @@ from imr_model.cues import cue_matrix, evidence_matrix, label_cue_columns
 from imr_model.metrics import guideline_metrics, outcome_metrics
 from imr_model.modeling import IMRClassifier, Windows, bias_multiplicity, pool_logits
 from imr_model.progress import progress_bar
+from imr_model.taxonomy import decision_basis_columns
 from imr_model.views import main_text
 
 EpochCallback = Callable[[int, dict], None]
@@ -77,7 +78,6 @@ class Scorer(Protocol):
     """Anything with calibrated probabilities and fitted decision rules (IMRClassifier, BaselineModel)."""
 
     outcome_threshold: float
-    guideline_thresholds: np.ndarray
 
     def predict_proba(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -571,26 +571,6 @@ def _cue_prior_inputs(clf: IMRClassifier, texts: Sequence[str]) -> np.ndarray | 
     return np.stack([cues[:, columns].sum(axis=1) for columns in label_cue_columns(clf.label_names)], axis=1)
 
 
-def decision_basis_columns(label_names: Sequence[str]) -> list[int]:
-    """Column indices of the taxonomy's decision-basis labels (`taxonomy.yaml` `decision_basis`) among `label_names`."""
-    from imr_model.taxonomy import load_taxonomy
-
-    basis = set(load_taxonomy().decision_basis)
-    return [j for j, name in enumerate(label_names) if name in basis]
-
-
-def _fit_basis_on_validation(clf: IMRClassifier, w_val: Windows, val: Split, cfg: TrainConfig) -> None:
-    """One-basis decoding for a gradient-trained guideline head: its extra-basis threshold from validation items."""
-    basis = decision_basis_columns(clf.label_names)
-    if not basis:
-        return
-    o, g = item_logits(clf, w_val, val.texts, cfg.train.eval_batch_size)
-    _, P = clf.calibrate(o, g)
-    clf.guideline_basis = tuple(clf.label_names[j] for j in basis)
-    clf.guideline_basis_extra, scores = fit_basis_extra(val.Y, P, clf.guideline_thresholds, basis)
-    clf.metrics["guideline_basis_extra_val_micro_f1"] = scores
-
-
 def refit_guideline_head(clf: IMRClassifier, w_train: Windows, train: Split, w_val: Windows, val: Split,
                          cfg: TrainConfig, train_vectors: torch.Tensor | None = None) -> dict:  # fmt: skip
     """Train the guideline head further on the frozen fine-tuned encoder; keep the best epoch by val loss.
@@ -719,10 +699,9 @@ def train_classifier(
         clf.guideline_thresholds = np.full(len(label_names), 0.5)
         clf.metrics["calibrated_on"] = f"grouped out-of-fold logits of {len(train)} train + validation items"
     else:
-        calibrate(clf, w_val, val, cfg.train.eval_batch_size, cfg.train.threshold_rule,
-                  label_thresholds=cfg.train.guideline_head != "logistic")  # fmt: skip
-        if cfg.train.guideline_head != "logistic" and cfg.train.guideline_decoding == "one_basis":
-            _fit_basis_on_validation(clf, w_val, val, cfg)
+        finetuned_head = cfg.train.guideline_head != "logistic"  # the logistic refit chose its decoding out of fold
+        calibrate(clf, w_val, val, cfg.train.eval_batch_size, cfg.train.threshold_rule, label_thresholds=finetuned_head,
+                  one_basis=finetuned_head and cfg.train.guideline_decoding == "one_basis")  # fmt: skip
         clf.metrics["calibrated_on"] = f"{len(val)} validation items"
     clf.metrics.update({"best_epoch": best_epoch, "pos_weight": pos_weight})
     clf.net.eval()
