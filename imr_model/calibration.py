@@ -102,7 +102,8 @@ def calibrate(clf, windows, val, batch_size: int = 32, rule: str = "half_max_f1"
     the guidelines), so `rule` defaults to half the best F1 (see metrics.half_max_f1_threshold).
     `label_thresholds=False` keeps every label at 0.5: a class-balanced guideline head
     (`train.guideline_head: logistic`) puts its decision point there, as the baseline's does.
-    `one_basis=True` also fits one-basis decoding (`decide_labels`) on the same items.
+    `one_basis=True` also fits one-basis decoding (`decide_labels`) on the same items, or keeps independent
+    decisions where those score higher there (`fit_basis_extra`).
     """
     from imr_model.training import item_logits
 
@@ -113,8 +114,9 @@ def calibrate(clf, windows, val, batch_size: int = 32, rule: str = "half_max_f1"
                                 else np.full(len(clf.label_names), 0.5))  # fmt: skip
     basis = decision_basis_columns(clf.label_names) if one_basis else []
     if basis:
-        clf.guideline_basis = tuple(clf.label_names[j] for j in basis)
-        clf.guideline_basis_extra, scores = fit_basis_extra(val.Y, P, clf.guideline_thresholds, basis)
+        extra, scores = fit_basis_extra(val.Y, P, clf.guideline_thresholds, basis)
+        clf.guideline_basis = () if extra is None else tuple(clf.label_names[j] for j in basis)
+        clf.guideline_basis_extra = 1.0 if extra is None else extra
         clf.metrics["guideline_basis_extra_val_micro_f1"] = scores
 
 
@@ -173,11 +175,16 @@ def decide_labels(P, thresholds, basis: Sequence[int] = (), basis_extra: float =
     return decided
 
 
-def fit_basis_extra(Y_true, P, thresholds, basis: Sequence[int], grid: Sequence[float] = BASIS_EXTRA_GRID) -> tuple[float, dict]:
-    """The `basis_extra` of `decide_labels` with the best micro-F1 on held-out items (ties: the larger);
-    returns it and the micro-F1 of every candidate, and of independent decisions under "independent"."""
+def fit_basis_extra(Y_true, P, thresholds, basis: Sequence[int],
+                    grid: Sequence[float] = BASIS_EXTRA_GRID) -> tuple[float | None, dict]:  # fmt: skip
+    """The `basis_extra` of `decide_labels` with the best micro-F1 on held-out items (ties: the larger), or
+    None when independent decisions (`decide_labels` without `basis`) score higher than every candidate: the
+    taxonomy's structure is a prior, and labels that do not follow it (a random model, another citation
+    format) should not be forced into it. Returns that and the micro-F1 of every candidate and of
+    independent decisions (under "independent")."""
     Y = np.asarray(Y_true).astype(int)
     micro = lambda D: float(skm.f1_score(Y, D, average="micro", zero_division=0))  # noqa: E731
     scores = {str(t): micro(decide_labels(P, thresholds, basis, t)) for t in grid}
     best = max(grid, key=lambda t: (scores[str(t)], t))
-    return float(best), {"independent": micro(decide_labels(P, thresholds)), **scores}
+    independent = micro(decide_labels(P, thresholds))
+    return (None if independent > scores[str(best)] else float(best)), {"independent": independent, **scores}

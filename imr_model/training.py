@@ -487,7 +487,9 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
     One-basis decoding (`train.guideline_decoding: one_basis`, `calibration.decide_labels`): C and the
     extra-basis threshold are chosen together, by the micro-F1 of one-basis decisions on the same grouped
     out-of-fold probabilities, which then include the cue prior (from each fold's label counts), because
-    argmax across labels compares the prior-shifted logits the final head will have.
+    argmax across labels compares the prior-shifted logits the final head will have. Where independent
+    decisions score higher out of fold than every one-basis candidate, the head keeps them
+    (`calibration.fit_basis_extra`; `decoding` in the returned info says which rule was kept).
     """
     from sklearn.metrics import f1_score
     from sklearn.model_selection import GroupKFold
@@ -524,11 +526,13 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
             P = 1.0 / (1.0 + np.exp(-oof))
             if basis:
                 extra[C] = fit_basis_extra(Y, P, half, basis)
-            decided = decide_labels(P, half, basis, extra[C][0] if basis else 1.0)
-            scores[C] = float(f1_score(Y, decided, average="micro", zero_division=0))
+                scores[C] = max(extra[C][1].values())  # the better of one-basis and independent decisions
+            else:
+                scores[C] = float(f1_score(Y, decide_labels(P, half), average="micro", zero_division=0))
     best_C = max(scores, key=lambda c: (scores[c], -c)) if scores else Cs[0]
-    clf.guideline_basis = tuple(clf.label_names[j] for j in basis)
-    clf.guideline_basis_extra = extra[best_C][0] if best_C in extra else 1.0
+    chosen = extra[best_C][0] if best_C in extra else (1.0 if basis else None)  # None: independent won out of fold
+    clf.guideline_basis = tuple(clf.label_names[j] for j in basis) if chosen is not None else ()
+    clf.guideline_basis_extra = 1.0 if chosen is None else chosen
     W = np.zeros((Y.shape[1], F.shape[1]))
     b = np.zeros(Y.shape[1])
     for j in range(Y.shape[1]):
@@ -552,8 +556,9 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
         if net.guideline_tfidf is not None:
             net.guideline_tfidf.weight.copy_(t(W[:, offset:]))
     return {"C": best_C, "cv_micro_f1_by_C": {str(c): v for c, v in scores.items()}, "folds": k,
-            "features": int(F.shape[1]), "cue_prior": applied, "decoding": cfg.train.guideline_decoding,
-            "basis_extra": clf.guideline_basis_extra if basis else None,
+            "features": int(F.shape[1]), "cue_prior": applied,
+            "decoding": "one_basis" if clf.guideline_basis else "independent",  # one_basis falls back out of fold
+            "basis_extra": clf.guideline_basis_extra if clf.guideline_basis else None,
             "cv_micro_f1_by_basis_extra": extra[best_C][1] if best_C in extra else None}  # fmt: skip
 
 

@@ -179,3 +179,9 @@ def test_fit_basis_extra_picks_the_rule_the_held_out_labels_follow():
     P2[:10, :] = 0.99
     extra2, scores2 = fit_basis_extra(Y2, P2, thr, [0, 1, 2])
     assert extra2 == 0.97 and scores2["0.97"] > scores2["1.0"]
+    Y3, P3 = Y.copy(), np.where(Y == 1, 0.9, 0.1)  # confident probabilities on the same labels, but
+    Y3[:20, :] = 0  # a third of the items have no basis label at all, and the probabilities say so
+    P3[:20, :] = 0.05
+    extra3, scores3 = fit_basis_extra(Y3, P3, thr, [0, 1, 2])
+    assert extra3 is None  # labels that do not follow the structure keep independent decisions
+    assert scores3["independent"] > max(v for k, v in scores3.items() if k != "independent")

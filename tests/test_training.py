@@ -343,6 +343,20 @@ def test_one_basis_decoding_is_chosen_out_of_fold_and_gives_each_item_one_basis(
     assert refit_guideline_logistic(clf, clf.make_windows(train.texts), train, off)["basis_extra"] is None
     assert clf.guideline_basis == () and np.array_equal(clf.decide_guidelines(P), (P >= 0.5).astype(int))
 
+    # labels that do not follow the structure (each chapter cited or not on its own, so some items have
+    # none and some two): independent decisions win out of fold, and the head keeps them
+    rng = np.random.default_rng(2)
+    texts, Y = [], np.zeros((80, len(names)))
+    for i in range(80):
+        on = [j for j in named if rng.random() < 0.5]
+        Y[i, on] = 1
+        texts.append(" ".join(["The injured worker reports pain."] + [named[j] for j in on]))
+    loose = Split(texts, np.zeros(80), Y, groups=[f"L{i // 2}" for i in range(80)])
+    info = refit_guideline_logistic(clf, clf.make_windows(loose.texts), loose, cfg)
+    scores = info["cv_micro_f1_by_basis_extra"]
+    assert scores["independent"] > max(v for key, v in scores.items() if key != "independent")
+    assert info["decoding"] == "independent" and info["basis_extra"] is None and clf.guideline_basis == ()
+
 
 def test_fit_on_validation_fits_heads_on_both_and_calibrates_out_of_fold(tiny_config, label_names):
     """train.fit_on_validation: same heads as training on train + validation; temperature/threshold from OOF logits."""
