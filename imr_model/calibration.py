@@ -115,8 +115,7 @@ def calibrate(clf, windows, val, batch_size: int = 32, rule: str = "half_max_f1"
     basis = decision_basis_columns(clf.label_names) if one_basis else []
     if basis:
         extra, scores = fit_basis_extra(val.Y, P, clf.guideline_thresholds, basis)
-        clf.guideline_basis = () if extra is None else tuple(clf.label_names[j] for j in basis)
-        clf.guideline_basis_extra = 1.0 if extra is None else extra
+        clf.set_guideline_decoding(basis, extra)
         clf.metrics["guideline_basis_extra_val_micro_f1"] = scores
 
 

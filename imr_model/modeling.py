@@ -494,6 +494,13 @@ class IMRClassifier:
         """Item logits → probabilities: temperature-scaled outcome, plain sigmoid for guidelines."""
         return _sigmoid(np.asarray(outcome_logits) / self.temperature), _sigmoid(np.asarray(guideline_logits))
 
+    def set_guideline_decoding(self, basis: Sequence[int], basis_extra: float | None) -> None:
+        """Keep the guideline decoding `calibration.fit_basis_extra` chose: one decision basis per item over the
+        `basis` columns with `basis_extra`, or independent decisions when it is None (or `basis` is empty)."""
+        one_basis = basis_extra is not None and len(basis) > 0
+        self.guideline_basis = tuple(self.label_names[j] for j in basis) if one_basis else ()
+        self.guideline_basis_extra = float(basis_extra) if one_basis else 1.0
+
     def decide_guidelines(self, guideline_probs: np.ndarray) -> np.ndarray:
         """Guideline probabilities (N, L) → 0/1 decisions (N, L): fitted thresholds, and one decision basis per
         item when the model was fit with `train.guideline_decoding: one_basis` (`calibration.decide_labels`)."""

@@ -530,9 +530,7 @@ def refit_guideline_logistic(clf: IMRClassifier, windows: Windows, split: Split,
             else:
                 scores[C] = float(f1_score(Y, decide_labels(P, half), average="micro", zero_division=0))
     best_C = max(scores, key=lambda c: (scores[c], -c)) if scores else Cs[0]
-    chosen = extra[best_C][0] if best_C in extra else (1.0 if basis else None)  # None: independent won out of fold
-    clf.guideline_basis = tuple(clf.label_names[j] for j in basis) if chosen is not None else ()
-    clf.guideline_basis_extra = 1.0 if chosen is None else chosen
+    clf.set_guideline_decoding(basis, extra[best_C][0] if best_C in extra else 1.0)  # None: independent won out of fold
     W = np.zeros((Y.shape[1], F.shape[1]))
     b = np.zeros(Y.shape[1])
     for j in range(Y.shape[1]):
