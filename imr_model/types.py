@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 UPHELD = "Upheld"
 OVERTURNED = "Overturned"
 DECISIONS = (UPHELD, OVERTURNED)
+REPLACEMENT_CHAR = "\ufffd"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """Replace lone UTF-16 surrogates (which no UTF-8 encoder, tokenizer or writer accepts) with U+FFFD.
+
+    Untrusted text reaches the package as Python strings that may hold them (JSON `"\\ud800"`
+    escapes, `surrogateescape`-decoded file names): every input boundary calls this once.
+    """
+    return _SURROGATE.sub(REPLACEMENT_CHAR, text) if _SURROGATE.search(text) else text
 
 
 @dataclass(frozen=True)
