@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,12 @@ app = typer.Typer(
     help="IMR letters → per-item outcome and guideline predictions.",
     no_args_is_help=True,
 )
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _say(text: str, style: str | None = None) -> None:
+    """Print to stderr as plain text (file names and messages may hold [brackets]); long lines are not wrapped."""
+    err_console.print(text, style=style, markup=False, soft_wrap=True)
 
 
 @app.callback()
@@ -36,27 +42,39 @@ def parse(
 
     paths = iter_letter_files(inputs)
     if not paths:
-        err_console.print(f"[red]No letter files found in: {', '.join(inputs)}[/red]")
+        _say(f"No letter files found in: {', '.join(inputs)}", "red")
         raise typer.Exit(code=2)
-    output.parent.mkdir(parents=True, exist_ok=True)
     n_letters = n_items = n_errors = 0
     start = time.perf_counter()
-    with output.open("w", encoding="utf-8") as out, progress_bar("parsing", total=len(paths), unit="letters") as bar:
-        for result in parse_many(paths, workers=workers):
-            if isinstance(result, Exception):
-                n_errors += 1
-                out.write(json.dumps({"source": result.source, "error": result.reason}) + "\n")
-            else:
-                n_letters += 1
-                for rec in result.item_records():
-                    n_items += 1
-                    out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            bar.advance()
-    elapsed = max(time.perf_counter() - start, 1e-9)
-    err_console.print(
-        f"{n_letters} letters, {n_items} items, {n_errors} errors "
-        f"in {elapsed:.1f}s ({len(paths) / elapsed:.0f} letters/s) → {output}"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with output.open("w", encoding="utf-8") as out, progress_bar("parsing", total=len(paths), unit="letters") as bar:
+            for result in parse_many(paths, workers=workers):
+                if isinstance(result, Exception):
+                    n_errors += 1
+                    out.write(json.dumps({"source": result.source, "error": result.reason}) + "\n")
+                else:
+                    n_letters += 1
+                    for rec in result.item_records():
+                        n_items += 1
+                        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                bar.advance()
+    except OSError as exc:
+        _fail(OSError(f"cannot write {output}: {exc.strerror or exc}"))
+    _say(
+        f"{n_letters} letters, {n_items} items, {n_errors} errors in {_rate(n_letters, 'letters', start)} → {output}"
     )
+    if n_letters == 0:
+        _say(f"no input could be parsed ({n_errors} errors); see the error records in {output}", "red")
+        raise typer.Exit(code=1)
+
+
+def _rate(n: int, unit: str, start: float) -> str:
+    """'12.3s (45 letters/s)'; no rate for a run too short to measure (never divides by zero)."""
+    elapsed = time.perf_counter() - start
+    if n == 0 or elapsed < 1e-3:
+        return f"{elapsed:.1f}s"
+    return f"{elapsed:.1f}s ({n / elapsed:.1f} {unit}/s)"
 
 
 data_app = typer.Typer(help="Datasets: synthetic demo letters, public data downloads, train/validation/test builds.")
@@ -79,11 +97,11 @@ def data_download_dmhc(
     try:
         path = download_dmhc(output, url or DEFAULT_DMHC_URL, timeout=timeout)
     except DatasetDownloadError as exc:
-        err_console.print(f"[red]Download failed: {exc}[/red]")
+        _say(f"Download failed: {exc}", "red")
         raise typer.Exit(code=1) from None
     records = load_dmhc(path)
     n_over = sum(r["decision"] == "Overturned" for r in records)
-    err_console.print(f"{len(records)} DMHC cases ({n_over} overturned) → {path}")
+    _say(f"{len(records)} DMHC cases ({n_over} overturned) → {path}")
 
 
 @data_app.command("demo")
@@ -97,10 +115,10 @@ def data_demo(
     from imr_model.demo import FORMATS, write_demo_letters
 
     if fmt not in FORMATS:
-        err_console.print(f"[red]--format must be one of {list(FORMATS)}, got {fmt!r}[/red]")
+        _say(f"--format must be one of {list(FORMATS)}, got {fmt!r}", "red")
         raise typer.Exit(code=2)
     paths = write_demo_letters(output, n, seed=seed, fmt=fmt)
-    err_console.print(f"{len(paths)} synthetic letters → {output}")
+    _say(f"{len(paths)} synthetic letters → {output}")
 
 
 @data_app.command("build")
@@ -120,22 +138,89 @@ def data_build(
         records, errors = load_records(inputs, text_column=text_column, label_column=label_column)
         dd = build_dataset(records, seed=seed, val_size=val_size, test_size=test_size)
     except (ValueError, FileNotFoundError) as exc:
-        err_console.print(f"[red]{exc}[/red]")
+        _say(f"{exc}", "red")
         raise typer.Exit(code=2) from None
     save_dataset(dd, output)
     for err in errors:
-        err_console.print(f"[yellow]skipped {err}[/yellow]")
-    err_console.print(json.dumps({k: dd.report[k] for k in ("sizes", "overturn_rate", "masked_sentences")}))
-    err_console.print(f"near-duplicate pairs across splits: {dd.report['near_duplicates']['pairs']} → {output}")
+        _say(f"skipped {err}", "yellow")
+    _say(json.dumps({k: dd.report[k] for k in ("sizes", "overturn_rate", "masked_sentences")}))
+    _say(f"near-duplicate pairs across splits: {dd.report['near_duplicates']['pairs']} → {output}")
 
 
 # --------------------------------------------------------------------------- inference (score / explain / serve)
 _MODEL_HELP = "Model directory or MLflow URI; default $IMR_MODEL_URI, then models:/imr-classifier@champion, then newest ./models/*."
 
 
-def _fail(exc: Exception) -> None:
-    err_console.print(f"[red]{type(exc).__name__}: {exc}[/red]")
+def _fail(exc: BaseException, uri: str | None = None) -> None:
+    """Print one line saying what went wrong (and what to do) and exit 2; never a traceback for expected errors."""
+    if isinstance(exc, (KeyError, IndexError)):  # LookupErrors that are bugs, not user errors: keep the traceback
+        raise exc
+    if _is_mlflow_error(exc):
+        from imr_model.tracking import registry_error_message
+
+        message = registry_error_message(uri or "", exc) if uri and str(uri).startswith("models:/") else _one_line(exc)
+        _say(f"MLflow: {message}", "red")
+    else:
+        _say(f"{type(exc).__name__}: {_one_line(exc)}", "red")
     raise typer.Exit(code=2)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _is_mlflow_error(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("mlflow")
+
+
+# Errors a user can cause and fix (a wrong path, alias, output or input); anything else is a bug and keeps its traceback.
+_EXPECTED = (LookupError, ValueError, OSError)
+
+
+def _load_reported(model: str | None, backend: str = "torch"):
+    """Resolve and load the model, then say which one it is (URI, version, training data) on stderr.
+
+    Warns when the model was trained on the synthetic demo letters, or when no model was named and the
+    newest directory under ./models was taken.
+    """
+    from imr_model.inference import CHAMPION_URI, MODEL_ENV, load_model, resolve_model_uri
+
+    uri = None
+    try:
+        uri = resolve_model_uri(model)
+        predictor = load_model(uri, backend=backend)
+    except _EXPECTED as exc:
+        _fail(exc, uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
+        if not _is_mlflow_error(exc):
+            raise
+        _fail(exc, uri)
+    if model:
+        how = "--model"
+    elif os.environ.get(MODEL_ENV, "").strip():
+        how = f"${MODEL_ENV}"
+    elif uri == CHAMPION_URI:
+        how = "registry alias champion"
+    else:
+        how = "fallback: newest directory under ./models (no --model, no $IMR_MODEL_URI, no champion alias)"
+    cfg = predictor.classifier.config
+    resolved = predictor.info.get("resolved_uri")
+    source = getattr(cfg, "data_source", "") or "unknown (saved before training sources were recorded)"
+    _say(
+        f"model: {uri}{f' = {resolved}' if resolved and resolved != uri else ''} [{how}]; "
+        f"version {cfg.version or '?'}; {predictor.backend} backend; trained on {source}"
+    )
+    if source.startswith("demo:"):
+        _say(
+            "warning: this model was trained on the synthetic demo letters; its predictions say nothing "
+            "about real letters. Pass --model (a directory or models:/imr-classifier@champion) or set "
+            f"${MODEL_ENV}.",
+            "yellow",
+        )
+    elif how.startswith("fallback"):
+        _say(f"warning: no model was named; using {predictor.path}", "yellow")
+    return predictor
 
 
 @app.command()
@@ -151,28 +236,38 @@ def score(
     n_steps: Annotated[int, typer.Option(help="Integration steps for --attributions.")] = 32,
 ) -> None:
     """Score letters into one row per item (outcome, p_overturned, guidelines); resumable and crash-safe."""
-    from imr_model.score_output import OutputError
-    from imr_model.inference import ModelNotFoundError
-    from imr_model.types import LetterError
+    from imr_model.score_output import output_format
 
     if engine not in ("local", "spark"):
         _fail(ValueError(f"unknown engine {engine!r}; valid: local, spark"))
     try:
+        output_format(output)  # a bad output name fails before the model is loaded
+    except _EXPECTED as exc:
+        _fail(exc)
+    start = time.perf_counter()
+    try:
         if engine == "spark":
+            from imr_model.inference import resolve_model_uri
             from imr_model.spark import score_files
 
-            summary = score_files(inputs, output, model_uri=model)
+            uri = resolve_model_uri(model)
+            _say(f"model: {uri} (spark engine)")
+            summary = score_files(inputs, output, model_uri=uri)
         else:
             from imr_model.scoring import score as score_letters
 
-            summary = score_letters(inputs, output, model=model, attributions=attributions, batch_size=batch_size,
+            predictor = _load_reported(model, backend)
+            summary = score_letters(inputs, output, model=predictor, attributions=attributions, batch_size=batch_size,
                                     backend=backend, n_steps=n_steps)  # fmt: skip
-    except (ModelNotFoundError, OutputError, LetterError, ValueError, FileNotFoundError) as exc:
-        _fail(exc)
+    except _EXPECTED as exc:
+        _fail(exc, model)
     err_console.print(
         f"{summary.letters} letters, {summary.items} items, {summary.errors} errors, {summary.skipped} already done "
-        f"in {summary.seconds:.1f}s ({summary.items_per_second:.1f} items/s) → {output}"
+        f"in {_rate(summary.items, 'items', start)} → {output}"
     )
+    if summary.letters == 0 and summary.skipped == 0:
+        _say(f"no input could be scored ({summary.errors} errors); see the error rows in {output}", "red")
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -185,17 +280,16 @@ def explain(
     top_k: Annotated[int, typer.Option(help="Rows of the top-words table per item.")] = 10,
 ) -> None:
     """Write a self-contained HTML report: each item's prediction with its words shaded by attribution."""
-    from imr_model.inference import ModelNotFoundError
     from imr_model.report import explain as explain_letter
-    from imr_model.types import LetterError
 
     if not Path(letter).is_file():
         _fail(FileNotFoundError(f"{letter}: no such file"))
+    predictor = _load_reported(model)
     try:
-        path = explain_letter(Path(letter), output, model=model, target=target, n_steps=n_steps, top_k=top_k)
-    except (ModelNotFoundError, LetterError, ValueError) as exc:
+        path = explain_letter(Path(letter), output, model=predictor, target=target, n_steps=n_steps, top_k=top_k)
+    except _EXPECTED as exc:
         _fail(exc)
-    err_console.print(f"report → {path}")
+    _say(f"report → {path}")
 
 
 @app.command()
@@ -208,13 +302,14 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(help="Request body limit in MB (413 beyond).")] = 5.0,
 ) -> None:
     """Serve predictions over HTTP (FastAPI + uvicorn); set $IMR_API_TOKEN to require a bearer token."""
-    from imr_model.inference import ModelNotFoundError
     from imr_model.serving import serve as run_server
 
+    predictor = _load_reported(model, backend)
     try:
-        run_server(model, host=host, port=port, backend=backend, timeout_s=timeout, max_body_bytes=int(max_body_mb * 1024 * 1024))
-    except (ModelNotFoundError, ValueError) as exc:
-        _fail(exc)
+        run_server(predictor.uri, host=host, port=port, backend=backend, timeout_s=timeout,
+                   max_body_bytes=int(max_body_mb * 1024 * 1024))  # fmt: skip
+    except _EXPECTED as exc:
+        _fail(exc, predictor.uri)
 
 
 # --------------------------------------------------------------------------- training (train / evaluate / promote / pretrain)
@@ -237,7 +332,7 @@ def train(
     argv += [a for o in overrides or [] for a in ("--set", o)] + (["--json", str(json_out)] if json_out else [])
     try:
         train_main(argv + (["--quiet"] if quiet else []))
-    except (ValueError, FileNotFoundError) as exc:
+    except _EXPECTED as exc:
         _fail(exc)
 
 
@@ -253,13 +348,17 @@ def evaluate(
 
     try:
         result, table = evaluate_model(model, data, batch_size=batch_size)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(exc)
+    except _EXPECTED as exc:
+        _fail(exc, model)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
+        if not _is_mlflow_error(exc):
+            raise
+        _fail(exc, model)
     typer.echo(table)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
-        err_console.print(f"metrics → {json_out}")
+        _say(f"metrics → {json_out}")
 
 
 @app.command()
@@ -274,8 +373,12 @@ def promote(
 
     try:
         result = promote_model(name, metric, data, tolerance=tolerance)
-    except (ValueError, FileNotFoundError) as exc:
+    except _EXPECTED as exc:
         _fail(exc)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
+        if not _is_mlflow_error(exc):
+            raise
+        _fail(exc, f"models:/{name}@candidate")
     typer.echo(("promoted: " if result.promoted else "not promoted: ") + result.reason)
     if not result.promoted and result.champion_version is not None and result.candidate_version != result.champion_version:
         raise typer.Exit(code=1)
@@ -296,7 +399,7 @@ def pretrain(
     argv += [a for o in overrides or [] for a in ("--set", o)] + (["--quiet"] if quiet else [])
     try:
         pretrain_main(argv)
-    except (ValueError, FileNotFoundError) as exc:
+    except _EXPECTED as exc:
         _fail(exc)
 
 

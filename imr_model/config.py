@@ -81,6 +81,7 @@ class ModelConfig(_Section):
     outcome_cue_version: int = 0  # evidence_version of resources/cues.yaml
     version: str = ""
     data_digest: str = ""
+    data_source: str = ""  # what the model was trained on: resolved --data paths, or "demo:letters=N,seed=S"
     package_version: str = ""
 
     @property

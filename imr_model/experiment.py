@@ -266,7 +266,7 @@ def outcome_metrics_per_item(y: np.ndarray, p: np.ndarray, thresholds: np.ndarra
     return pooled
 
 
-def _save(cfg: TrainConfig, clf, baseline: BaselineModel, digest: str, metrics: dict) -> Path:
+def _save(cfg: TrainConfig, clf, baseline: BaselineModel, digest: str, metrics: dict, source: str = "") -> Path:
     from imr_model import __version__
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -276,7 +276,7 @@ def _save(cfg: TrainConfig, clf, baseline: BaselineModel, digest: str, metrics: 
         model_dir = Path(cfg.output_dir) / f"{cfg.name}-{stamp}-{suffix}"
         suffix += 1
     clf.config = clf.config.model_copy(update={"version": f"{cfg.name}-{stamp}", "data_digest": digest,
-                                               "package_version": __version__})  # fmt: skip
+                                               "data_source": source, "package_version": __version__})  # fmt: skip
     clf.metrics.update(metrics)
     clf.save_pretrained(model_dir)
     baseline.save(model_dir / BASELINE_DIR)
@@ -395,7 +395,7 @@ def run_training(cfg: TrainConfig, data: Sequence[str] | None = None, *, cv: int
         _log_adaptation_effect(by_split)
         metrics.update({name: _strip_private(rows) for name, rows in by_split.items()})
         metrics["history"] = history
-        model_dir = _save(cfg, clf, baseline, prep.digest, metrics)
+        model_dir = _save(cfg, clf, baseline, prep.digest, metrics, prep.source)
         result = TrainResult(model_dir=model_dir, metrics=clf.metrics, table=_format(metrics), history=history)
         if run is not None:
             _log_evaluation(by_split, label_names, {k: splits[k].y for k in by_split})

@@ -271,6 +271,42 @@ def resolve_model_dir(uri: str | Path, dst: str | Path | None = None) -> Path:
     return found
 
 
+def registry_error_message(uri: str, exc: Exception) -> str:
+    """One line saying what went wrong resolving `uri` in the MLflow registry and what to do instead.
+
+    "models:/imr-classifier@nosuch" → "alias 'nosuch' not found for registered model 'imr-classifier';
+    aliases: candidate (v2), champion (v1)". Never raises: a registry that cannot be reached gets its
+    own line.
+    """
+    body = str(uri)[len("models:/") :] if str(uri).startswith("models:/") else ""
+    name, _, ref = body.partition("@") if "@" in body else body.partition("/")
+    code = getattr(exc, "error_code", "") or ""
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        if not name:
+            return f"{uri}: {code or type(exc).__name__} ({_first_line(exc)})"
+        try:
+            registered = client.get_registered_model(name)
+        except Exception:  # noqa: BLE001 - the model name itself is unknown
+            names = sorted(m.name for m in client.search_registered_models(max_results=50))
+            return (f"registered model {name!r} not found in {tracking_uri()}; "
+                    f"registered models: {', '.join(names) or 'none (train one with `imr train`)'}")
+        aliases = registered.aliases or {}
+        listed = ", ".join(f"{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
+        if "@" in body:
+            return f"alias {ref!r} not found for registered model {name!r}; aliases: {listed}"
+        return f"version {ref!r} of registered model {name!r} not found; aliases: {listed}"
+    except Exception as inner:  # noqa: BLE001 - the registry itself is unreachable or broken
+        return f"{uri}: MLflow registry at {tracking_uri()} could not be read ({type(inner).__name__}: {_first_line(inner)})"
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
 def _find_model_dir(root: Path) -> Path | None:
     if (root / "config.json").is_file() and (root / "model.safetensors").is_file():
         return root

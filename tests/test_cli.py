@@ -1,0 +1,143 @@
+"""The `imr` command line on the paths a user trips over: failed inputs, wrong aliases, unusable outputs, fallbacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from imr_model.cli import app
+from imr_model.demo import write_demo_letters
+from imr_model.inference import clear_cache
+from tests.inference_helpers import tiny_model
+
+
+@pytest.fixture()
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture()
+def model_dir(tmp_path) -> Path:
+    return tiny_model(tmp_path / "tiny-model")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_models(monkeypatch):
+    monkeypatch.delenv("IMR_MODEL_URI", raising=False)
+    clear_cache()
+    yield
+    clear_cache()
+
+
+def _no_traceback(result) -> None:
+    assert "Traceback" not in result.output
+    assert "Traceback" not in (result.stderr or "")
+
+
+def test_parse_exits_nonzero_when_no_input_parses(runner, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.txt").write_bytes(b"")
+    (bad / "junk.pdf").write_bytes(b"%PDF-1.4 not really a pdf")
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["parse", str(bad), "-o", str(out), "--workers", "1"])
+    assert result.exit_code == 1, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(Path(r["source"]).name for r in rows) == ["empty.txt", "junk.pdf"]
+    assert all(r["error"] for r in rows)
+    assert "0 letters, 0 items, 2 errors" in result.stderr
+    assert "letters/s" not in result.stderr  # no rate of letters that were never parsed
+    _no_traceback(result)
+
+
+def test_parse_mixed_folder_exits_zero(runner, tmp_path):
+    folder = tmp_path / "mixed"
+    write_demo_letters(folder, 3, seed=1)
+    (folder / "empty.txt").write_bytes(b"")
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["parse", str(folder), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sum(1 for r in rows if r.get("error")) == 1
+    assert {Path(r["source"]).name for r in rows} == {p.name for p in folder.iterdir()}
+
+
+def test_parse_unwritable_output_is_one_line(runner, tmp_path):
+    write_demo_letters(tmp_path / "letters", 1, seed=1)
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["parse", str(tmp_path / "letters"), "-o", str(tmp_path / "file" / "out.jsonl")])
+    assert result.exit_code == 2
+    assert "cannot write" in result.stderr and "out.jsonl" in result.stderr
+    _no_traceback(result)
+
+
+def test_score_unknown_alias_lists_the_aliases(runner, tmp_path, monkeypatch, model_dir):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("imr-classifier")
+    client.create_model_version("imr-classifier", source=str(model_dir))
+    client.set_registered_model_alias("imr-classifier", "candidate", "1")
+    write_demo_letters(tmp_path / "letters", 1, seed=1)
+    result = runner.invoke(
+        app, ["score", str(tmp_path / "letters"), "-o", str(tmp_path / "out.jsonl"), "--model", "models:/imr-classifier@nosuch"]
+    )
+    assert result.exit_code == 2
+    assert "alias 'nosuch' not found" in result.stderr and "candidate (v1)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3
+    assert not (tmp_path / "out.jsonl").exists()
+    _no_traceback(result)
+
+
+def test_score_says_which_model_and_warns_on_demo_fallback(runner, tmp_path, monkeypatch):
+    from imr_model.modeling import IMRClassifier
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = tiny_model(tmp_path / "models" / "demo-run")
+    clf = IMRClassifier.from_pretrained(path)
+    clf.config = clf.config.model_copy(update={"data_source": "demo:letters=120,seed=0"})
+    clf.save_pretrained(path)
+    write_demo_letters(tmp_path / "letters", 2, seed=1)
+    result = runner.invoke(app, ["score", "letters", "-o", "out.jsonl"])
+    assert result.exit_code == 0, result.output
+    assert "fallback: newest directory under ./models" in result.stderr
+    assert "demo-run" in result.stderr and "trained on demo:letters=120" in result.stderr
+    assert "synthetic demo letters" in result.stderr
+
+
+def test_score_exits_nonzero_when_every_input_fails(runner, tmp_path, model_dir):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["score", str(tmp_path / "empty.txt"), str(tmp_path / "no such letter.pdf"),
+                                 "-o", str(out), "--model", str(model_dir)])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["error"] for r in rows)
+    assert any("no such letter.pdf" in r["source"] for r in rows)
+    assert "no input could be scored" in result.stderr
+    _no_traceback(result)
+
+
+def test_score_unusable_output_is_one_line(runner, tmp_path, model_dir):
+    write_demo_letters(tmp_path / "letters", 1, seed=1)
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["score", str(tmp_path / "letters"), "-o", str(tmp_path / "file" / "out.jsonl"),
+                                 "--model", str(model_dir)])  # fmt: skip
+    assert result.exit_code == 2
+    assert "out.jsonl" in result.stderr
+    _no_traceback(result)
+
+
+def test_missing_model_directory_is_one_line(runner, tmp_path):
+    write_demo_letters(tmp_path / "letters", 1, seed=1)
+    result = runner.invoke(app, ["score", str(tmp_path / "letters"), "-o", str(tmp_path / "o.jsonl"),
+                                 "--model", str(tmp_path / "nope")])  # fmt: skip
+    assert result.exit_code == 2
+    assert "nope" in result.stderr
+    _no_traceback(result)
