@@ -28,15 +28,26 @@ the network's outcome output is then (W, 2): main head, context head) pooled wit
 item's outcome logit is the main part's pooled logit plus the context's. Guidelines, cues and TF-IDF
 read the main view only.
 
-A model directory holds `config.json` (`ModelConfig`), `model.safetensors`, tokenizer files,
-`calibration.json`, `metrics.json` and `taxonomy.json` (plus `tfidf_vocabulary.json` when the guideline
-logits have a TF-IDF term); loading it needs neither pickle nor the backbone: the encoder is rebuilt
-from the stored transformers config.
+A model directory holds `config.json` (`ModelConfig`), `model.safetensors`, tokenizer files
+(`tokenizer.json`, `tokenizer_config.json`), `calibration.json`, `metrics.json` and `taxonomy.json` (plus
+`tfidf_vocabulary.json` when the guideline logits have a TF-IDF term); loading it needs neither pickle
+nor the backbone: the encoder is rebuilt from the stored transformers config.
+
+A model directory is input, not code: `from_pretrained` never runs code from it (transformers is called
+with `trust_remote_code=False`, and an `auto_map` entry or a tokenizer class that is not transformers'
+own fails with an error naming the file), never prompts, and never fills in a missing file with a
+default. `config.json` records the SHA-256 of every other file `save_pretrained` wrote (`digests`),
+checked on load; a step that writes a file into the directory afterwards adds it with `record_digest`.
+`calibration.json` is range-checked. Probabilities are bounded to [0.001, 0.999]
+(`calibration.bounded_sigmoid`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
@@ -47,7 +58,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from imr_model.baseline import TfidfFeatures
-from imr_model.calibration import decide_labels
+from imr_model.calibration import PROB_MAX, PROB_MIN, bound_probability, bounded_sigmoid, decide_labels
 from imr_model.config import POOLINGS, ModelConfig, hub_offline, resolve_backbone
 from imr_model.cues import cue_matrix, cue_names, cue_version, evidence_matrix, evidence_names, evidence_version
 from imr_model.views import main_text
@@ -55,13 +66,29 @@ from imr_model.windows import Windows, make_windows  # noqa: F401 - Windows is p
 
 CONFIG_FILE = "config.json"
 #: Version of the model-directory layout (network modules and their weight names). 2: outcome head on
-#: attention-pooled tokens, sentence windows. Directories of another version fail with a clear message.
-FORMAT_VERSION = 2
+#: attention-pooled tokens, sentence windows. 3: SHA-256 digests in config.json, thresholds on the bounded
+#: probability scale. Directories of another version fail with a clear message.
+FORMAT_VERSION = 3
 WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CALIBRATION_FILE = "calibration.json"
 METRICS_FILE = "metrics.json"
 TAXONOMY_FILE = "taxonomy.json"
 TFIDF_FILE = "tfidf_vocabulary.json"
+#: Files every model directory needs besides config.json (plus TFIDF_FILE with `model.guideline_tfidf`).
+REQUIRED_FILES = (WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CALIBRATION_FILE)
+#: config.json key of the {file name: SHA-256 hex digest} map (`record_digest`, `verify_digests`).
+DIGESTS_KEY = "digests"
+_RESTORE = "retrain the model (`imr train`) or restore the file"
+
+
+class ModelDirectoryError(ValueError):
+    """A model directory that must not be loaded: tampered, incomplete, out of range or of another format."""
+
+
+class MissingModelFileError(ModelDirectoryError, FileNotFoundError):
+    """A file the model-directory format needs is absent."""
 
 #: forward(input_ids (B, T) int64, attention_mask (B, T) int64) -> (outcome (B,), guidelines (B, L)) logits
 ForwardFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -169,22 +196,22 @@ def bias_multiplicity(mode: str) -> int:
     return 2 if mode == "mean_last" else 1
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -60.0, 60.0)))
-
-
 def _encoder_from_config(encoder_config: dict) -> nn.Module:
+    """The encoder, randomly initialised from a transformers config dict (transformers' own classes only)."""
     from transformers import AutoConfig, AutoModel
 
     params = dict(encoder_config)
+    if "auto_map" in params:  # would name classes in Python files beside the config
+        raise ModelDirectoryError("encoder_config has an `auto_map` entry (custom model code); imr-model builds "
+                                  "transformers' own encoders only and runs no code from a model directory")  # fmt: skip
     model_type = params.pop("model_type", None)
     if not model_type:
         raise ValueError("encoder_config has no model_type; cannot rebuild the encoder")
     hf_config = AutoConfig.for_model(model_type, **params)
     try:  # the pooler is unused (we mean-pool); BERT-like encoders can skip it
-        return AutoModel.from_config(hf_config, add_pooling_layer=False)
+        return AutoModel.from_config(hf_config, add_pooling_layer=False, trust_remote_code=False)
     except TypeError:
-        return AutoModel.from_config(hf_config)
+        return AutoModel.from_config(hf_config, trust_remote_code=False)
 
 
 @contextmanager
@@ -209,8 +236,9 @@ def build_encoder(config: ModelConfig) -> tuple[nn.Module, object]:
 
     source = resolve_backbone(config.backbone)
     local = hub_offline()
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-    hf_config = AutoConfig.from_pretrained(source, local_files_only=local)
+    # trust_remote_code=False: a backbone that needs its own Python code fails instead of prompting or running it
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local, trust_remote_code=False)
+    hf_config = AutoConfig.from_pretrained(source, local_files_only=local, trust_remote_code=False)
     for key, value in config.encoder_overrides.items():
         if not hasattr(hf_config, key):
             raise ValueError(f"model.encoder_overrides: {type(hf_config).__name__} has no field {key!r}")
@@ -221,9 +249,11 @@ def build_encoder(config: ModelConfig) -> tuple[nn.Module, object]:
     else:  # overrides such as attention_probs_dropout_prob apply on top of the pretrained weights
         with quiet_transformers():  # the unused pooler weights are reported as "unexpected" on every load
             try:
-                encoder = AutoModel.from_pretrained(source, config=hf_config, local_files_only=local, add_pooling_layer=False)
+                encoder = AutoModel.from_pretrained(source, config=hf_config, local_files_only=local,
+                                                    add_pooling_layer=False, trust_remote_code=False)  # fmt: skip
             except TypeError:
-                encoder = AutoModel.from_pretrained(source, config=hf_config, local_files_only=local)
+                encoder = AutoModel.from_pretrained(source, config=hf_config, local_files_only=local,
+                                                    trust_remote_code=False)  # fmt: skip
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"backbone {config.backbone!r} has no fast tokenizer; character offsets need one")
     return encoder, tokenizer
@@ -257,18 +287,18 @@ class IMRClassifier:
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.tokenizer = tokenizer
-        self.temperature = float(temperature)
-        self.outcome_threshold = float(outcome_threshold)
+        self.temperature = _check_temperature(temperature)
+        self.outcome_threshold = _check_unit("outcome_threshold", outcome_threshold)
         thresholds = np.full(n_labels, 0.5) if guideline_thresholds is None else np.asarray(guideline_thresholds)
         if thresholds.shape != (n_labels,):
             raise ValueError(f"guideline_thresholds has shape {thresholds.shape}, expected ({n_labels},)")
-        self.guideline_thresholds = thresholds.astype(np.float64)
+        self.guideline_thresholds = np.array([_check_unit("guideline_thresholds", t) for t in thresholds], dtype=np.float64)
         unknown = [b for b in guideline_basis if b not in config.label_names]
         if unknown:
             raise ValueError(f"guideline_basis names {unknown}, not among the model's labels {list(config.label_names)}")
         # decision-basis labels (taxonomy `decision_basis`) decoded as one per item; empty = independent decisions
         self.guideline_basis = tuple(guideline_basis)
-        self.guideline_basis_extra = float(guideline_basis_extra)
+        self.guideline_basis_extra = _check_unit("guideline_basis_extra", guideline_basis_extra)
         self.metrics = dict(metrics or {})
         self.tfidf: TfidfFeatures | None = None
         if net.guideline_tfidf is not None:
@@ -311,19 +341,30 @@ class IMRClassifier:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "IMRClassifier":
-        """Load a directory written by `save_pretrained` (no network, no pickle)."""
-        from transformers import AutoTokenizer
+        """Load a directory written by `save_pretrained` (no network, no pickle, no code from the directory).
 
+        Raises `MissingModelFileError` (a FileNotFoundError) for a missing file and `ModelDirectoryError`
+        (a ValueError) for a directory of another format, a file whose SHA-256 differs from the one
+        config.json records, an `auto_map` or foreign tokenizer class, or calibration values out of range;
+        every message names the file.
+        """
         path = Path(path)
-        missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if not (path / n).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{path} is not an IMR model directory: missing {', '.join(missing)}")
-        raw = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        version = raw.pop("format_version", 1) if isinstance(raw, dict) else None
+        if not (path / CONFIG_FILE).is_file():
+            raise MissingModelFileError(f"{path} is not an IMR model directory: missing {CONFIG_FILE}; {_RESTORE}")
+        raw = _read_model_json(path, CONFIG_FILE)
+        version = raw.pop("format_version", 1)
         if version != FORMAT_VERSION:
-            raise ValueError(f"{path} holds an IMR model in directory format {version}; this imr-model reads format "
-                             f"{FORMAT_VERSION}. Retrain it with `imr train` (or load it with the release that wrote it).")
-        config = ModelConfig.model_validate(raw)
+            raise ModelDirectoryError(f"{path} holds an IMR model in directory format {version}; this imr-model reads "
+                                      f"format {FORMAT_VERSION}. Retrain it with `imr train` (or load it with the "
+                                      "release that wrote it).")  # fmt: skip
+        digests = raw.pop(DIGESTS_KEY, None)
+        if "auto_map" in raw:
+            raise ModelDirectoryError(f"{path / CONFIG_FILE}: has an `auto_map` entry (custom code); IMR model "
+                                      f"directories hold no code and imr-model runs none; {_RESTORE}")  # fmt: skip
+        try:
+            config = ModelConfig.model_validate(raw)
+        except ValueError as exc:
+            raise ModelDirectoryError(f"{path / CONFIG_FILE} does not describe an IMR model ({exc}); {_RESTORE}") from None
         if config.cue_names and (config.cue_names != cue_names() or config.cue_version != cue_version()):
             raise ValueError(f"{path} was trained with citation cues that differ from this imr-model's "
                              "(imr_model/resources/cues.yaml changed). Retrain it with `imr train`.")  # fmt: skip
@@ -331,57 +372,80 @@ class IMRClassifier:
                                          or config.outcome_cue_version != evidence_version()):
             raise ValueError(f"{path} was trained with evidence cues that differ from this imr-model's "
                              "(imr_model/resources/cues.yaml changed). Retrain it with `imr train`.")  # fmt: skip
+        required = REQUIRED_FILES + ((TFIDF_FILE,) if config.guideline_tfidf else ())
+        missing = [n for n in required if not (path / n).is_file()]
+        if missing:
+            raise MissingModelFileError(f"{path}: missing {', '.join(missing)}, which every IMR model directory "
+                                        f"needs; {_RESTORE}")  # fmt: skip
+        _verify_digests(path, digests, required)
+        calibration = _calibration_kwargs(_read_model_json(path, CALIBRATION_FILE), config.label_names, path)
+        tokenizer = _load_tokenizer(path, config.encoder_config)
         vocabulary, ngram_max = None, 2
         if config.guideline_tfidf:
-            record = _read_json(path / TFIDF_FILE)
-            if record is None:
-                raise FileNotFoundError(f"{path} has a guideline TF-IDF term but no {TFIDF_FILE}")
-            vocabulary, ngram_max = list(record["vocabulary"]), int(record["ngram_max"])
-        net = IMRNet(_encoder_from_config(config.encoder_config), len(config.label_names), config.dropout,
-                     len(config.cue_names), len(vocabulary or []), len(config.outcome_cue_names),
-                     context=config.context_view is not None)  # fmt: skip
-        net.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        calibration = _read_json(path / CALIBRATION_FILE) or {}
-        label_thr = calibration.get("guideline_thresholds", {})
-        thresholds = np.array([float(label_thr.get(name, 0.5)) for name in config.label_names])
-        basis = calibration.get("guideline_basis") or {}  # absent in models saved before one-basis decoding
-        return cls(
-            config,
-            net,
-            tokenizer,
-            temperature=calibration.get("temperature", 1.0),
-            outcome_threshold=calibration.get("outcome_threshold", 0.5),
-            guideline_thresholds=thresholds,
-            metrics=_read_json(path / METRICS_FILE) or {},
-            device=device,
-            tfidf_vocabulary=vocabulary,
-            tfidf_ngram_max=ngram_max,
-            guideline_basis=basis.get("labels", ()),
-            guideline_basis_extra=basis.get("extra_threshold", 1.0),
-        )
+            record = _read_model_json(path, TFIDF_FILE)
+            try:
+                vocabulary, ngram_max = [str(t) for t in record["vocabulary"]], int(record["ngram_max"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ModelDirectoryError(f"{path / TFIDF_FILE}: no valid vocabulary / ngram_max ({exc!r}); {_RESTORE}") from None
+        try:
+            encoder = _encoder_from_config(config.encoder_config)
+        except ModelDirectoryError as exc:
+            raise ModelDirectoryError(f"{path / CONFIG_FILE}: {exc}; {_RESTORE}") from None
+        net = IMRNet(encoder, len(config.label_names), config.dropout, len(config.cue_names), len(vocabulary or []),
+                     len(config.outcome_cue_names), context=config.context_view is not None)  # fmt: skip
+        state = load_file(str(path / WEIGHTS_FILE))
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ModelDirectoryError(f"{path / WEIGHTS_FILE}: non-finite (NaN/inf) weights in {', '.join(bad[:5])}; "
+                                      "retrain the model")  # fmt: skip
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ModelDirectoryError(f"{path / WEIGHTS_FILE} does not fit the network config.json describes "
+                                      f"({exc}); {_RESTORE}") from None  # fmt: skip
+        metrics = _read_model_json(path, METRICS_FILE) if (path / METRICS_FILE).is_file() else {}
+        return cls(config, net, tokenizer, metrics=metrics, device=device, tfidf_vocabulary=vocabulary,
+                   tfidf_ngram_max=ngram_max, **calibration)  # fmt: skip
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the self-contained model directory (JSON + safetensors + tokenizer files)."""
+        """Write the self-contained model directory (JSON + safetensors + tokenizer files).
+
+        config.json is written last and records the SHA-256 of every other file written here (`DIGESTS_KEY`).
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        record = {"format_version": FORMAT_VERSION, **self.config.model_dump(mode="json")}
-        (path / CONFIG_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        written = [WEIGHTS_FILE]
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-        self.tokenizer.save_pretrained(str(path))
-        _write_json(path / CALIBRATION_FILE, self.calibration_dict())
-        _write_json(path / METRICS_FILE, self.metrics)
-        _write_json(path / TAXONOMY_FILE, _taxonomy_record(self.label_names))
+        for saved in self.tokenizer.save_pretrained(str(path)):
+            name = _member_name(path, Path(saved).resolve())  # transformers returns paths as given (maybe relative)
+            if (path / name).is_file() and name not in written:
+                written.append(name)
+        for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+            if name not in written:
+                raise ValueError(f"the tokenizer did not write {name}; an IMR model needs a fast tokenizer")
+        payloads = {CALIBRATION_FILE: self.calibration_dict(), METRICS_FILE: self.metrics,
+                    TAXONOMY_FILE: _taxonomy_record(self.label_names)}  # fmt: skip
         if self.tfidf is not None:
-            _write_json(path / TFIDF_FILE, {"ngram_max": self.tfidf.ngram_max, "vocabulary": self.tfidf.vocabulary})
+            payloads[TFIDF_FILE] = {"ngram_max": self.tfidf.ngram_max, "vocabulary": self.tfidf.vocabulary}
+        for name, payload in payloads.items():
+            _write_json(path / name, payload)
+            written.append(name)
+        record = {"format_version": FORMAT_VERSION, **self.config.model_dump(mode="json"),
+                  DIGESTS_KEY: {name: file_sha256(path / name) for name in written}}  # fmt: skip
+        _write_text_atomic(path / CONFIG_FILE, json.dumps(record, indent=2))
 
     def calibration_dict(self) -> dict:
+        """calibration.json: thresholds on the output (bounded) probability scale; `guideline_basis.extra_threshold`
+        on the calibrated scale (`calibration.BASIS_EXTRA_GRID`). Values out of range raise (nothing saves them)."""
+        thresholds = [_check_unit("guideline_thresholds", t) for t in self.guideline_thresholds]
         return {
-            "temperature": self.temperature,
-            "outcome_threshold": self.outcome_threshold,
-            "guideline_thresholds": dict(zip(self.label_names, map(float, self.guideline_thresholds))),
-            "guideline_basis": {"labels": list(self.guideline_basis), "extra_threshold": self.guideline_basis_extra},
+            "temperature": _check_temperature(self.temperature),
+            "outcome_threshold": _check_unit("outcome_threshold", self.outcome_threshold),
+            "guideline_thresholds": dict(zip(self.label_names, thresholds)),
+            "guideline_basis": {"labels": list(self.guideline_basis),
+                                "extra_threshold": _check_unit("guideline_basis_extra", self.guideline_basis_extra)},  # fmt: skip
+            "probability_bounds": [PROB_MIN, PROB_MAX],
         }
 
     # ----------------------------------------------------------------------------- inference
@@ -490,27 +554,52 @@ class IMRClassifier:
         o, g = self.predict_logits(texts, batch_size=batch_size, forward=forward)
         return self.calibrate(o, g)
 
-    def calibrate(self, outcome_logits: np.ndarray, guideline_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Item logits → probabilities: temperature-scaled outcome, plain sigmoid for guidelines."""
-        return _sigmoid(np.asarray(outcome_logits) / self.temperature), _sigmoid(np.asarray(guideline_logits))
+    def calibrate(self, outcome_logits: np.ndarray, guideline_logits: np.ndarray, *,
+                  bounded: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Item logits → probabilities (float64): σ(outcome / T) and σ(guidelines), mapped into [0.001, 0.999]
+        by `calibration.bounded_sigmoid` (strictly increasing: rankings unchanged).
+
+        `bounded=False` gives the calibrated probabilities before that map (what the threshold rules are fitted
+        on; `calibration.calibrate`). NaN logits raise ValueError.
+        """
+        o = np.asarray(outcome_logits, dtype=np.float64) / _check_temperature(self.temperature)
+        g = np.asarray(guideline_logits, dtype=np.float64)
+        if bounded:
+            return np.asarray(bounded_sigmoid(o)), np.asarray(bounded_sigmoid(g))
+        from scipy.special import expit
+
+        for name, x in (("outcome", o), ("guideline", g)):
+            if np.isnan(x).any():
+                raise ValueError(f"{int(np.isnan(x).sum())} {name} logits are NaN; no probability can be given for them")
+        return expit(o), expit(g)
 
     def set_guideline_decoding(self, basis: Sequence[int], basis_extra: float | None) -> None:
         """Keep the guideline decoding `calibration.fit_basis_extra` chose: one decision basis per item over the
-        `basis` columns with `basis_extra`, or independent decisions when it is None (or `basis` is empty)."""
+        `basis` columns with `basis_extra`, or independent decisions when it is None (or `basis` is empty).
+
+        `basis_extra` is on the calibrated probability scale `fit_basis_extra` saw (a `BASIS_EXTRA_GRID` value);
+        `decide_guidelines` maps it to the output scale."""
         one_basis = basis_extra is not None and len(basis) > 0
         self.guideline_basis = tuple(self.label_names[j] for j in basis) if one_basis else ()
-        self.guideline_basis_extra = float(basis_extra) if one_basis else 1.0
+        self.guideline_basis_extra = _check_unit("basis_extra", basis_extra) if one_basis else 1.0
 
     def decide_guidelines(self, guideline_probs: np.ndarray) -> np.ndarray:
         """Guideline probabilities (N, L) → 0/1 decisions (N, L): fitted thresholds, and one decision basis per
         item when the model was fit with `train.guideline_decoding: one_basis` (`calibration.decide_labels`)."""
         basis = [self.label_names.index(b) for b in self.guideline_basis]
-        return decide_labels(guideline_probs, self.guideline_thresholds, basis, self.guideline_basis_extra)
+        probs = np.asarray(guideline_probs, dtype=np.float64)
+        if np.isnan(probs).any():
+            raise ValueError(f"{int(np.isnan(probs).sum())} guideline probabilities are NaN; no decision can be made")
+        # the extra-basis threshold is on the calibrated scale (see set_guideline_decoding): map it as probs were
+        return decide_labels(probs, self.guideline_thresholds, basis, bound_probability(self.guideline_basis_extra))
 
     def decide(self, p_overturned: np.ndarray, guideline_probs: np.ndarray) -> tuple[list[str], list[list[str]]]:
         """Probabilities → outcome names and predicted label sets, using the fitted thresholds."""
         upheld, overturned = self.config.outcome_labels
-        outcomes = [overturned if p >= self.outcome_threshold else upheld for p in np.asarray(p_overturned)]
+        p_overturned = np.asarray(p_overturned, dtype=np.float64)
+        if np.isnan(p_overturned).any():  # NaN >= threshold is False: it would read as a confident "Upheld"
+            raise ValueError(f"{int(np.isnan(p_overturned).sum())} outcome probabilities are NaN; no decision can be made")
+        outcomes = [overturned if p >= self.outcome_threshold else upheld for p in p_overturned]
         chosen = self.decide_guidelines(guideline_probs)
         labels = [[name for name, on in zip(self.label_names, row) if on] for row in chosen]
         return outcomes, labels
@@ -551,12 +640,203 @@ def _taxonomy_record(label_names: list[str]) -> dict:
     return record if record.get("labels") == label_names else {"labels": label_names}
 
 
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def _write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default), encoding="utf-8")
+    _write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_model_json(path: Path, name: str) -> dict:
+    """A JSON object of the model directory; an error naming the file when it is absent, unreadable or not an object."""
+    file = path / name
+    if not file.is_file():
+        raise MissingModelFileError(f"{path}: missing {name}; {_RESTORE}")
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelDirectoryError(f"{file} is not valid JSON ({exc}); {_RESTORE}") from None
+    if not isinstance(record, dict):
+        raise ModelDirectoryError(f"{file} holds a JSON {type(record).__name__}, not an object; {_RESTORE}")
+    return record
+
+
+# --------------------------------------------------------------------------------- digests
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _member_name(model_dir: Path, filename: str | Path) -> str:
+    """`filename` as a POSIX path relative to `model_dir`, refused when it leaves the directory or is config.json."""
+    name = Path(filename)
+    if name.is_absolute():
+        try:
+            name = name.resolve().relative_to(Path(model_dir).resolve())
+        except ValueError:
+            raise ValueError(f"{filename} is not inside the model directory {model_dir}") from None
+    if not name.parts or ".." in name.parts or name.is_absolute():
+        raise ValueError(f"{str(filename)!r} is not a file name inside the model directory")
+    if name.as_posix() == CONFIG_FILE:
+        raise ValueError(f"{CONFIG_FILE} holds the digests; it cannot record its own")
+    return name.as_posix()
+
+
+def record_digest(model_dir: str | Path, filename: str | Path) -> str:
+    """Record the SHA-256 of `filename` (relative to `model_dir`, e.g. "reference.json") in config.json, so
+    `from_pretrained` checks it too; returns the digest.
+
+    For a step that writes a file into a saved model directory after `save_pretrained` (or rewrites one that
+    `save_pretrained` wrote, e.g. calibration.json): call it after the file is complete. config.json is
+    rewritten atomically; its other content is kept.
+    """
+    path = Path(model_dir)
+    name = _member_name(path, filename)
+    raw = _read_model_json(path, CONFIG_FILE)
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ModelDirectoryError(f"{path / CONFIG_FILE}: directory format {raw.get('format_version', 1)}, not "
+                                  f"{FORMAT_VERSION}; record digests in directories of this format only")  # fmt: skip
+    if not (path / name).is_file():
+        raise MissingModelFileError(f"{path}: missing {name}; write the file before recording its digest")
+    digests = raw.get(DIGESTS_KEY)
+    if not isinstance(digests, dict):
+        raise ModelDirectoryError(f"{path / CONFIG_FILE} has no `{DIGESTS_KEY}` map; {_RESTORE}")
+    digests[name] = file_sha256(path / name)
+    _write_text_atomic(path / CONFIG_FILE, json.dumps(raw, indent=2))
+    return digests[name]
+
+
+def verify_digests(model_dir: str | Path) -> dict[str, str]:
+    """Check every file config.json records a digest for (and that the format's required files are among them);
+    returns the {file: SHA-256} map. Raises ModelDirectoryError / MissingModelFileError naming the file."""
+    path = Path(model_dir)
+    raw = _read_model_json(path, CONFIG_FILE)
+    required = REQUIRED_FILES + ((TFIDF_FILE,) if raw.get("guideline_tfidf") else ())
+    return _verify_digests(path, raw.get(DIGESTS_KEY), required)
+
+
+def _verify_digests(path: Path, digests, required: Sequence[str]) -> dict[str, str]:
+    if not isinstance(digests, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items()):
+        raise ModelDirectoryError(f"{path / CONFIG_FILE}: no valid `{DIGESTS_KEY}` map of file SHA-256 digests; {_RESTORE}")
+    unrecorded = [n for n in required if n not in digests]
+    if unrecorded:
+        raise ModelDirectoryError(f"{path / CONFIG_FILE} records no SHA-256 for {', '.join(unrecorded)}; {_RESTORE}")
+    for name, expected in digests.items():
+        member = _member_name(path, name)
+        if not (path / member).is_file():
+            raise MissingModelFileError(f"{path}: missing {member} (saved with the model: config.json records its "
+                                        f"SHA-256); {_RESTORE}")  # fmt: skip
+        if file_sha256(path / member) != expected.lower():
+            raise ModelDirectoryError(f"{path / member}: SHA-256 mismatch (the file changed after the model was "
+                                      "saved); retrain or restore it")  # fmt: skip
+    return dict(digests)
+
+
+# ----------------------------------------------------------------------------- load checks
+def _load_tokenizer(path: Path, encoder_config: dict):
+    """The directory's fast tokenizer, by transformers' own class named in tokenizer_config.json, no code run."""
+    from transformers import PreTrainedTokenizerBase
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    file = path / TOKENIZER_CONFIG_FILE
+    record = _read_model_json(path, TOKENIZER_CONFIG_FILE)
+    if "auto_map" in record:
+        raise ModelDirectoryError(f"{file}: has an `auto_map` entry (custom tokenizer code); IMR model directories "
+                                  f"hold no code and imr-model runs none; {_RESTORE}")  # fmt: skip
+    name = record.get("tokenizer_class")
+    cls = tokenizer_class_from_name(name) if isinstance(name, str) and name.isidentifier() else None
+    if (not isinstance(cls, type) or not issubclass(cls, PreTrainedTokenizerBase)
+            or not str(getattr(cls, "__module__", "")).startswith("transformers.")):  # fmt: skip
+        raise ModelDirectoryError(f"{file}: tokenizer_class {name!r} is not a tokenizer class of transformers; "
+                                  f"{_RESTORE}")  # fmt: skip
+    try:
+        with quiet_transformers():
+            tokenizer = cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - any failure is a broken tokenizer file
+        raise ModelDirectoryError(f"{path}: the tokenizer ({TOKENIZER_FILE}, {TOKENIZER_CONFIG_FILE}) does not load "
+                                  f"({type(exc).__name__}: {exc}); {_RESTORE}") from None  # fmt: skip
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelDirectoryError(f"{path}: {TOKENIZER_FILE} did not give a fast tokenizer; {_RESTORE}")
+    vocab_size = encoder_config.get("vocab_size") if isinstance(encoder_config, dict) else None
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise ModelDirectoryError(f"{path / TOKENIZER_FILE}: {len(tokenizer)} tokens, more than the encoder's "
+                                  f"{vocab_size} embeddings (config.json); {_RESTORE}")  # fmt: skip
+    return tokenizer
+
+
+def _number(value, field: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ModelDirectoryError(f"{path / CALIBRATION_FILE}: {field} is {value!r}, not a finite number; {_RESTORE}")
+    return float(value)
+
+
+def _unit(value, field: str, path: Path) -> float:
+    x = _number(value, field, path)
+    if not 0.0 <= x <= 1.0:
+        raise ModelDirectoryError(f"{path / CALIBRATION_FILE}: {field} is {x!r}, outside [0, 1]; {_RESTORE}")
+    return x
+
+
+def _calibration_kwargs(record: dict, label_names: Sequence[str], path: Path) -> dict:
+    """calibration.json → IMRClassifier keyword arguments, every field present and in range."""
+    missing = [k for k in ("temperature", "outcome_threshold", "guideline_thresholds", "guideline_basis",
+                           "probability_bounds") if k not in record]  # fmt: skip
+    if missing:
+        raise ModelDirectoryError(f"{path / CALIBRATION_FILE}: missing field {', '.join(missing)}; {_RESTORE}")
+    bounds = record["probability_bounds"]
+    if bounds != [PROB_MIN, PROB_MAX]:
+        raise ModelDirectoryError(f"{path / CALIBRATION_FILE}: probability_bounds is {bounds!r}; this imr-model's "
+                                  f"thresholds compare with probabilities in [{PROB_MIN}, {PROB_MAX}]; retrain the model")  # fmt: skip
+    temperature = _number(record["temperature"], "temperature", path)
+    if temperature <= 0:
+        raise ModelDirectoryError(f"{path / CALIBRATION_FILE}: temperature is {temperature!r}, not > 0; {_RESTORE}")
+    label_thr = record["guideline_thresholds"]
+    if not isinstance(label_thr, dict):
+        raise ModelDirectoryError(f"{path / CALIBRATION_FILE}: guideline_thresholds is not a {{label: threshold}} "
+                                  f"object; {_RESTORE}")  # fmt: skip
+    absent = [n for n in label_names if n not in label_thr]
+    unknown = [n for n in label_thr if n not in label_names]
+    if absent:
+        raise ModelDirectoryError(f"{path / CALIBRATION_FILE}: guideline_thresholds lacks {absent}; {_RESTORE}")
+    if unknown:
+        raise ModelDirectoryError(f"{path / CALIBRATION_FILE}: guideline_thresholds names labels the model does not "
+                                  f"have {unknown}; {_RESTORE}")  # fmt: skip
+    basis = record["guideline_basis"]
+    if not isinstance(basis, dict) or not isinstance(basis.get("labels"), list):
+        raise ModelDirectoryError(f"{path / CALIBRATION_FILE}: guideline_basis is not an object with a `labels` list; "
+                                  f"{_RESTORE}")  # fmt: skip
+    bad = [b for b in basis["labels"] if not isinstance(b, str) or b not in label_names]
+    if bad or len(set(basis["labels"])) != len(basis["labels"]):
+        raise ModelDirectoryError(f"{path / CALIBRATION_FILE}: guideline_basis.labels names {bad or 'a label twice'}, "
+                                  f"not distinct labels of the model; {_RESTORE}")  # fmt: skip
+    return {
+        "temperature": temperature,
+        "outcome_threshold": _unit(record["outcome_threshold"], "outcome_threshold", path),
+        "guideline_thresholds": np.array([_unit(label_thr[n], f"guideline_thresholds.{n}", path) for n in label_names]),
+        "guideline_basis": tuple(basis["labels"]),
+        "guideline_basis_extra": _unit(basis.get("extra_threshold"), "guideline_basis.extra_threshold", path),
+    }
+
+
+def _check_temperature(value) -> float:
+    t = float(value)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature is {value!r}; it must be finite and > 0")
+    return t
+
+
+def _check_unit(field: str, value) -> float:
+    x = float(value)
+    if not (math.isfinite(x) and 0.0 <= x <= 1.0):
+        raise ValueError(f"{field} is {value!r}; it must be a probability in [0, 1]")
+    return x
 
 
 def _json_default(value):

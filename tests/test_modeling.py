@@ -78,10 +78,10 @@ def test_pooled_prediction_equals_per_text_prediction(tiny_classifier):
 def test_predict_proba_shapes_and_calibration(tiny_classifier):
     p, P = tiny_classifier.predict_proba(TEXTS)
     assert p.shape == (4,) and P.shape == (4, len(tiny_classifier.label_names))
-    assert ((p > 0) & (p < 1)).all()
+    assert ((p >= 0.001) & (p <= 0.999)).all() and ((P >= 0.001) & (P <= 0.999)).all()
     o, _ = tiny_classifier.predict_logits(TEXTS)
     clf = IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer, temperature=2.0)
-    assert np.allclose(clf.predict_proba(TEXTS)[0], 1 / (1 + np.exp(-o / 2.0)), atol=1e-6)
+    assert np.allclose(clf.predict_proba(TEXTS)[0], 0.001 + 0.998 / (1 + np.exp(-o / 2.0)), atol=1e-6)
     outcomes, labels = clf.decide(np.array([0.2, 0.9]), np.full((2, len(clf.label_names)), 0.6))
     assert outcomes == ["Upheld", "Overturned"] and labels[0] == clf.label_names
 
@@ -162,10 +162,9 @@ def test_one_basis_decoding_is_saved_and_old_directories_decide_independently(ti
     assert loaded.guideline_basis == tuple(basis) and loaded.guideline_basis_extra == 0.97
     assert loaded.decide(np.array([0.1, 0.9]), P) == clf.decide(np.array([0.1, 0.9]), P)
     record = json.loads((tmp_path / CALIBRATION_FILE).read_text())
-    del record["guideline_basis"]  # a directory saved before one-basis decoding
-    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(record))
-    old = IMRClassifier.from_pretrained(tmp_path)
-    assert old.guideline_basis == () and old.decide_guidelines(P).sum() == P.size  # every label at 0.5
+    assert record["guideline_basis"]["extra_threshold"] == 0.97  # the rule's value, on the calibrated scale
+    independent = IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer)
+    assert independent.guideline_basis == () and independent.decide_guidelines(P).sum() == P.size  # every label at 0.5
     with pytest.raises(ValueError, match="guideline_basis names \\['NOT_A_LABEL'\\]"):
         IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer,
                       guideline_basis=["NOT_A_LABEL"])  # fmt: skip
@@ -322,3 +321,127 @@ def test_context_windows_are_the_two_parts_windowed_apart(label_names):
     assert CONTEXT_SEPARATOR.strip() == "[CONTEXT]"
     with pytest.raises(ValueError, match="no context part"):
         clf.predict_proba([record["rationale"]])
+
+
+# ----------------------------------------------------------------------------- no false certainty
+def _old_fit_temperature(z, y, bounds=(0.05, 20.0)):
+    """The hard-target fit this package used before Platt's targets (kept here to measure the change)."""
+    import math
+
+    from scipy.optimize import minimize_scalar
+
+    from imr_model.calibration import binary_nll
+
+    def nll(log_t):
+        return binary_nll(z / math.exp(log_t), y)
+
+    res = minimize_scalar(nll, bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded")
+    best = math.exp(res.x)
+    return best if nll(math.log(best)) <= nll(0.0) else 1.0
+
+
+def _separable(seed=0):
+    """40 validation items, 6 Overturned, every Overturned logit above every Upheld one (a small validation split)."""
+    rng = np.random.default_rng(seed)
+    z = np.r_[rng.normal(4.0, 1.5, 6), rng.normal(-4.0, 1.5, 34)]
+    z[:6] = np.maximum(z[:6], z[6:].max() + 0.5)
+    return z, np.r_[np.ones(6), np.zeros(34)].astype(int)
+
+
+def test_separable_validation_items_give_a_finite_temperature():
+    from imr_model.calibration import bounded_sigmoid, fit_temperature
+
+    z, y = _separable()
+    assert _old_fit_temperature(z, y) == pytest.approx(0.05, rel=1e-3)  # the old fit ran to its lower bound
+    t = fit_temperature(z, y)
+    assert 0.5 < t < 10.0  # well inside (0.05, 20)
+    p = bounded_sigmoid(z / t)
+    assert 0.001 < p.min() < 0.05 and 0.8 < p.max() < 0.999  # not 0 and 1
+
+
+def test_temperature_on_non_separable_items_is_close_to_the_hard_target_fit():
+    from imr_model.calibration import fit_temperature
+
+    rng = np.random.default_rng(1)
+    # smoothing pulls the targets 1/(N+2) towards 0.5: a slightly softer T, by less the more items there are
+    # (median new/old over 50 draws of 3x-overconfident logits: 1.17 at 40 items, 1.03 at 200, 1.006 at 1000)
+    for n, scale, rel in ((1000, 2.0, 0.02), (200, 3.0, 0.06), (60, 0.5, 0.25)):
+        true = rng.normal(-1.5, 1.5, n)
+        y = (rng.random(n) < 1 / (1 + np.exp(-true))).astype(int)
+        old, new = _old_fit_temperature(scale * true, y), fit_temperature(scale * true, y)
+        assert new == pytest.approx(old, rel=rel) and new >= old, (n, scale, old, new)
+    with pytest.raises(ValueError, match="not finite"):
+        fit_temperature([0.0, np.nan, 1.0], [0, 1, 1])
+
+
+def test_probabilities_stay_within_bounds_on_extreme_logits(tiny_classifier):
+    from imr_model.calibration import PROB_MAX, PROB_MIN
+
+    clf = IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer, temperature=0.05)
+    n_labels = len(clf.label_names)
+    z = np.array([-1e4, -800.0, -60.0, -1.0, 0.0, 1.0, 60.0, 800.0, 1e4, np.inf, -np.inf], dtype=np.float32)
+    p, P = clf.calibrate(z, np.tile(z[:, None], (1, n_labels)))
+    for probs in (p, P):
+        assert probs.dtype == np.float64 and np.all((probs >= PROB_MIN) & (probs <= PROB_MAX))
+    assert p[4] == 0.5 and p[0] == PROB_MIN and p[8] == PROB_MAX and 8.8e-27 not in p
+    with pytest.raises(ValueError, match="1 of 3 logits are NaN"):
+        clf.calibrate(np.array([0.0, np.nan, 1.0]), np.zeros((3, n_labels)))
+    with pytest.raises(ValueError, match="guideline logits are NaN"):
+        clf.calibrate(np.zeros(1), np.full((1, n_labels), np.nan), bounded=False)
+    with pytest.raises(ValueError, match="outcome probabilities are NaN"):
+        clf.decide(np.array([np.nan]), np.full((1, n_labels), 0.5))  # NaN is not "Upheld"
+    clf.temperature = float("nan")
+    with pytest.raises(ValueError, match="temperature is nan; it must be finite and > 0"):
+        clf.calibrate(np.zeros(1), np.zeros((1, n_labels)))
+    for bad in (float("nan"), 0.0, -2.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer, temperature=bad)
+    with pytest.raises(ValueError, match="outcome_threshold"):
+        IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer, outcome_threshold=np.nan)
+
+
+def test_the_bound_keeps_the_ranking():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from imr_model.calibration import bounded_sigmoid
+
+    rng = np.random.default_rng(2)
+    z = rng.normal(0, 8.0, 5000)
+    y = (rng.random(5000) < 1 / (1 + np.exp(-z / 4))).astype(int)
+    p = bounded_sigmoid(z)
+    assert roc_auc_score(y, p) == roc_auc_score(y, z) and average_precision_score(y, p) == average_precision_score(y, z)
+    inside = np.sort(z[np.abs(z) < 25])
+    assert np.all(np.diff(bounded_sigmoid(inside)) > 0)  # strictly increasing: no ties where float64 can tell
+    grid = np.linspace(-35.0, 25.0, 6001)  # logits 0.01 apart stay apart (float64 spacing: 2e-19 at 0.001, 1e-16 at 0.999)
+    assert np.all(np.diff(bounded_sigmoid(grid)) > 0)
+    assert np.all(np.diff(bounded_sigmoid(np.linspace(-3.0, 3.0, 10001).astype(np.float32))) > 0)  # float32 logits too
+
+
+def test_decisions_are_those_of_the_unbounded_probabilities(tiny_classifier):
+    """Thresholds are fitted on calibrated probabilities and mapped like them: every decision is unchanged."""
+    from scipy.special import expit
+
+    from imr_model.calibration import bound_probability, calibrate_outcome, decide_labels, fit_threshold
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(-1.0, 3.0, 400)
+    y = (rng.random(400) < expit(z / 2)).astype(int)
+    for rule in ("half_max_f1", "best_f1"):
+        clf = IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer)
+        calibrate_outcome(clf, z, y, rule)
+        raw_p = expit(z / clf.temperature)
+        raw_threshold = fit_threshold(y, raw_p, rule)
+        assert clf.outcome_threshold == bound_probability(raw_threshold)
+        p, _ = clf.calibrate(z, np.zeros((len(z), 0)))
+        assert np.array_equal(p >= clf.outcome_threshold, raw_p >= raw_threshold)
+        upheld, overturned = clf.config.outcome_labels
+        assert clf.decide(p, np.zeros((len(z), len(clf.label_names))))[0] == [overturned if v else upheld for v in raw_p >= raw_threshold]
+    names = tiny_classifier.label_names
+    basis = [j for j, n in enumerate(names) if n.startswith("ACOEM_") and n != "ACOEM_3RD"]
+    g = rng.normal(0, 4.0, (300, len(names)))
+    raw_thr = rng.uniform(0.2, 0.8, len(names))
+    clf = IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer,
+                        guideline_thresholds=bound_probability(raw_thr))  # fmt: skip
+    clf.set_guideline_decoding(basis, 0.97)
+    _, P = clf.calibrate(np.zeros(len(g)), g)
+    assert np.array_equal(clf.decide_guidelines(P), decide_labels(expit(g), raw_thr, basis, 0.97))
