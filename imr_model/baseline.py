@@ -21,16 +21,13 @@ from scipy import sparse
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
+from imr_model.calibration import bounded_sigmoid
 from imr_model.config import BaselineSection
 from imr_model.views import main_text
 
 JSON_FILE = "baseline.json"
 ARRAYS_FILE = "baseline.safetensors"
 _TOKEN_PATTERN = r"(?u)\b\w\w+\b"
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -60.0, 60.0)))
 
 
 @dataclass
@@ -117,7 +114,8 @@ class BaselineModel:
     def predict_proba(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated P(Overturned) (N,) and guideline probabilities (N, L)."""
         o, g = self.decision_function(texts)
-        return _sigmoid(o / self.temperature), _sigmoid(g)
+        # Bounded like the classifier's: no 0.0 / 1.0 / 8.8e-27 beside the model in comparison tables.
+        return bounded_sigmoid(o / self.temperature), bounded_sigmoid(g)
 
     # --------------------------------------------------------------------------- IO
     def decide_guidelines(self, guideline_probs: np.ndarray) -> np.ndarray:

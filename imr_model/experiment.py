@@ -19,8 +19,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from imr_model.baseline import ARRAYS_FILE as BASELINE_ARRAYS
+from imr_model.baseline import JSON_FILE as BASELINE_JSON
 from imr_model.baseline import BaselineModel
 from imr_model.config import ConfigError, TrainConfig, resolve_backbone
+from imr_model.modeling import record_digest
 from imr_model.metrics import format_table, majority_probabilities, summary_row
 from imr_model.calibration import calibrate_baseline
 from imr_model.training import Split, concat_splits, score_predictions, train_classifier
@@ -280,6 +283,8 @@ def _save(cfg: TrainConfig, clf, baseline: BaselineModel, digest: str, metrics: 
     clf.metrics.update(metrics)
     clf.save_pretrained(model_dir)
     baseline.save(model_dir / BASELINE_DIR)
+    for name in (BASELINE_JSON, BASELINE_ARRAYS):  # checked on load like the model's own files
+        record_digest(model_dir, f"{BASELINE_DIR}/{name}")
     return model_dir
 
 

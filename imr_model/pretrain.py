@@ -126,7 +126,7 @@ def _masked_lm(cfg: TrainConfig, source: str):
     """The backbone with a masked-LM head: pretrained weights, or random init (tiny test configs)."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
-    hf_config = AutoConfig.from_pretrained(source, local_files_only=hub_offline())
+    hf_config = AutoConfig.from_pretrained(source, local_files_only=hub_offline(), trust_remote_code=False)
     for key, value in cfg.model.encoder_overrides.items():
         if not hasattr(hf_config, key):
             raise ValueError(f"model.encoder_overrides: {type(hf_config).__name__} has no field {key!r}")
@@ -137,7 +137,7 @@ def _masked_lm(cfg: TrainConfig, source: str):
     # head is warmed up before "before" is measured), so say that in one line instead
     with quiet_transformers():
         model, info = AutoModelForMaskedLM.from_pretrained(source, config=hf_config, local_files_only=hub_offline(),
-                                                           output_loading_info=True)  # fmt: skip
+                                                           output_loading_info=True, trust_remote_code=False)  # fmt: skip
     if missing := sorted(info.get("missing_keys") or ()):
         logger.info("%d tensors not in the backbone start random (%s%s): expected for the masked-LM head, which is "
                     "warmed up on the frozen encoder first", len(missing), ", ".join(missing[:3]),
@@ -153,7 +153,7 @@ def run_pretrain(cfg: TrainConfig, records: Sequence[dict], output: str | Path, 
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
     source = resolve_backbone(cfg.model.backbone)
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=hub_offline())
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=hub_offline(), trust_remote_code=False)
     model = _masked_lm(cfg, source)
     by_letter = letter_texts(records)
     train_letters, held_letters = split_letters(sorted(by_letter), cfg.pretrain.held_out, cfg.seed)

@@ -360,7 +360,7 @@ def test_one_basis_decoding_is_chosen_out_of_fold_and_gives_each_item_one_basis(
 
 def test_fit_on_validation_fits_heads_on_both_and_calibrates_out_of_fold(tiny_config, label_names):
     """train.fit_on_validation: same heads as training on train + validation; temperature/threshold from OOF logits."""
-    from imr_model.calibration import fit_temperature, fit_threshold
+    from imr_model.calibration import bound_probability, fit_temperature, fit_threshold
     from imr_model.training import concat_splits
 
     update = {"epochs": 0, "head_epochs": 0, "outcome_head": "logistic", "guideline_head": "logistic"}
@@ -380,7 +380,7 @@ def test_fit_on_validation_fits_heads_on_both_and_calibrates_out_of_fold(tiny_co
     assert clf.temperature == pytest.approx(fit_temperature(oof, both.y))
     assert clf.temperature != pytest.approx(ref.temperature)  # the reference calibrated on validation instead
     p = 1 / (1 + np.exp(-oof / clf.temperature))
-    assert clf.outcome_threshold == pytest.approx(fit_threshold(both.y, p, base.train.threshold_rule))
+    assert clf.outcome_threshold == pytest.approx(bound_probability(fit_threshold(both.y, p, base.train.threshold_rule)))
     assert np.all(clf.guideline_thresholds == 0.5)
 
 
@@ -507,7 +507,7 @@ def test_pretrain_lowers_perplexity_and_writes_a_usable_backbone(tiny_config, de
     # the directory works as model.backbone: same encoder weights as the adapted model
     from transformers import AutoModelForMaskedLM
 
-    mlm = AutoModelForMaskedLM.from_pretrained(str(out))
+    mlm = AutoModelForMaskedLM.from_pretrained(str(out), trust_remote_code=False)
     clf = IMRClassifier.build(cfg.model.model_copy(update={"backbone": str(out), "init": "pretrained",
                                                            "encoder_overrides": {}}), label_names)  # fmt: skip
     emb = clf.net.encoder.get_input_embeddings().weight
@@ -551,7 +551,7 @@ def test_pretraining_minilm_names_its_fresh_mlm_head_instead_of_a_corrupted_chec
     assert len(lines) == 1 and lines[0].startswith("6 tensors") and "cls.predictions.bias" in lines[0]
     out, err = capfd.readouterr()
     assert "This checkpoint seem corrupted" not in out + err and "LOAD REPORT" not in out + err
-    plain = AutoModel.from_pretrained(source, add_pooling_layer=False)
+    plain = AutoModel.from_pretrained(source, add_pooling_layer=False, trust_remote_code=False)
     assert torch.equal(mlm.bert.embeddings.word_embeddings.weight, plain.embeddings.word_embeddings.weight)
     assert torch.equal(mlm.bert.encoder.layer[-1].output.dense.weight, plain.encoder.layer[-1].output.dense.weight)
 
