@@ -9,7 +9,16 @@ uninterrupted output exactly.
 
 Tabular inputs (.csv, .jsonl, .parquet) hold item records, e.g. the output of `imr parse`: columns
 `letter_id`, `item_index`, and `request` / `rationale` / `case_summary` (or a single `text` column).
-Rows of one letter must be contiguous; a row with an `error` value becomes an error row.
+Rows of one letter must be contiguous: a letter whose rows are split up becomes one error row (at its
+first rows), so every letter owns exactly one block of output rows. A row with an `error` value
+becomes an error row.
+
+Messy input: every string entering scoring (table cells and column names, parsed letters, file names)
+passes through `types.clean_text`, so a lone surrogate becomes U+FFFD in that row instead of failing
+the table; JSONL/CSV tables with invalid UTF-8 bytes are read with U+FFFD replacements too.
+
+The output is locked for the whole run (`score_output.lock_output`, before the model loads), so a
+second run on the same output fails at once with `OutputLockedError` and changes nothing.
 """
 
 from __future__ import annotations
@@ -26,8 +35,8 @@ import pyarrow.parquet as pq
 
 from imr_model.attribution import DEFAULT_STEPS, OUTCOME
 from imr_model.letters import iter_letter_files, parse_many
-from imr_model.score_output import open_writer, output_format, row_key
-from imr_model.types import Letter, LetterError
+from imr_model.score_output import OutputLock, lock_output, open_writer, output_format, row_key
+from imr_model.types import Letter, LetterError, clean_text
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 TEXT_COLUMNS = ("request", "rationale", "case_summary", "text")
@@ -42,6 +51,11 @@ class Unit:
     letter_id: str
     records: list[dict]
     error: str | None = None
+
+    def __post_init__(self) -> None:  # keys and error rows never carry lone surrogates
+        self.source, self.letter_id = clean_text(str(self.source)), clean_text(str(self.letter_id))
+        if self.error is not None:
+            self.error = clean_text(str(self.error))
 
     @property
     def key(self) -> str:
@@ -74,6 +88,7 @@ def score(
     progress: bool = True,
     checkpoint_rows: int = 2048,
     chunk_items: int | None = None,
+    lock: OutputLock | None = None,
 ) -> ScoreSummary:
     """Score every letter in `inputs` into `output` (.jsonl/.csv/.parquet), resuming a previous run.
 
@@ -82,6 +97,11 @@ def score(
     pad less (windows are length-sorted within a chunk) and share more repeated sentences, which are
     run once per chunk. JSONL/CSV rows are durable after every chunk; Parquet rows every
     `checkpoint_rows` rows.
+
+    The output is locked (`score_output.lock_output`) before the model is loaded and released on
+    return; a caller that loads the model itself first can take the lock earlier and pass it as
+    `lock` (it stays the caller's to release). Raises `OutputLockedError` / `OutputWriteError` (both
+    `OutputError`) for an output in use, read-only, not permitted, or on a full disk.
     """
     from imr_model.inference import load_model
     from imr_model.progress import progress_bar
@@ -92,30 +112,43 @@ def score(
     if chunk_items < 1:
         raise ValueError(f"chunk_items must be >= 1, got {chunk_items}")
     output_format(output)  # a bad output name fails before the model is loaded
-    predictor = load_model(model, backend=backend)
-    run_info = {"model": predictor.identity()}
-    if attributions:
-        run_info.update(target=target, n_steps=n_steps)
-    writer = open_writer(output, with_attributions=attributions, run_info=run_info, parquet_rows_per_part=checkpoint_rows)
+    output = Path(output)
     letter_paths, tables = split_inputs(inputs)
-    summary, start = ScoreSummary(), time.perf_counter()
-    total = len(letter_paths) + sum(count_table_letters(t) for t in tables)
-    with progress_bar("scoring", total=total, unit="letters", disable=not progress) as bar:
-        def skipped() -> None:
-            summary.skipped += 1
-            bar.advance()
+    own_lock = lock is None
+    lock = lock_output(output) if own_lock else lock  # so do a locked, read-only or full output
+    writer = None
+    try:
+        predictor = load_model(model, backend=backend)
+        run_info = {"model": predictor.identity()}
+        if attributions:
+            run_info.update(target=target, n_steps=n_steps)
+        writer = open_writer(output, with_attributions=attributions, run_info=run_info,
+                             parquet_rows_per_part=checkpoint_rows, lock=lock)  # fmt: skip
+        summary, start = ScoreSummary(), time.perf_counter()
+        scans = {t: scan_table(t) for t in tables}
+        total = len(letter_paths) + sum(n for n, _ in scans.values())
+        with progress_bar("scoring", total=total, unit="letters", disable=not progress) as bar:
+            def skipped() -> None:
+                summary.skipped += 1
+                bar.advance()
 
-        units = _prefetch(iter_units(letter_paths, tables, skip=writer.done, on_skip=skipped))
-        for chunk in chunked(units, chunk_items):
-            rows = score_units(predictor, chunk, attributions=attributions, target=target, n_steps=n_steps, batch_size=batch_size)
-            writer.write([u.key for u in chunk], rows)
-            summary.letters += sum(1 for u in chunk if u.error is None)
-            summary.errors += sum(1 for u in chunk if u.error is not None)
-            summary.items += sum(len(u.records) for u in chunk)
-            summary.seconds = time.perf_counter() - start
-            bar.advance(len(chunk))
-            bar.update(rate=f"{summary.items_per_second:.1f} items/s")
-    writer.close()
+            units = _prefetch(iter_units(letter_paths, tables, skip=writer.done, on_skip=skipped, scans=scans))
+            for chunk in chunked(units, chunk_items):
+                rows = score_units(predictor, chunk, attributions=attributions, target=target, n_steps=n_steps,
+                                   batch_size=batch_size)  # fmt: skip
+                writer.write([u.key for u in chunk], rows)
+                summary.letters += sum(1 for u in chunk if u.error is None)
+                summary.errors += sum(1 for u in chunk if u.error is not None)
+                summary.items += sum(len(u.records) for u in chunk)
+                summary.seconds = time.perf_counter() - start
+                bar.advance(len(chunk))
+                bar.update(rate=f"{summary.items_per_second:.1f} items/s")
+        writer.close()
+    finally:
+        if writer is not None:
+            writer.abort()
+        if own_lock:
+            lock.release()
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -133,6 +166,7 @@ def score_units(predictor, units: list[Unit], **kwargs) -> list[dict]:
         for _ in u.records:
             d = next(preds).to_dict()
             d["source"], d["letter_id"], d["error"] = u.source, u.letter_id, None
+            d["warnings"] = [clean_text(str(w)) for w in d.get("warnings") or ()]
             if not with_attr:
                 d.pop("attributions")
             d.pop("letter_decision")
@@ -142,7 +176,7 @@ def score_units(predictor, units: list[Unit], **kwargs) -> list[dict]:
 
 def error_row(source: str, letter_id: str, message: str, with_attributions: bool) -> dict:
     row = {"letter_id": letter_id, "item_index": None, "request": None, "outcome": None, "p_overturned": None,
-           "guidelines": None, "guideline_labels": None, "source": source, "error": message}
+           "guidelines": None, "guideline_labels": None, "warnings": None, "source": source, "error": message}
     if with_attributions:
         row["attributions"] = None
     return row
@@ -166,19 +200,30 @@ def chunked(units: Iterable[Unit], chunk_items: int) -> Iterator[list[Unit]]:
 
 
 def split_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
-    """(letter files, table files): tables are files named explicitly with a table suffix."""
+    """(letter files, table files): tables are files named explicitly with a table suffix (each once)."""
     inputs = [str(x) for x in inputs]
     if not inputs:
         raise ValueError("no inputs given: pass letter files, folders, globs or item tables")
-    tables = [Path(x) for x in inputs if Path(x).suffix.lower() in TABLE_SUFFIXES and Path(x).is_file()]
+    tables = list(dict.fromkeys(Path(x) for x in inputs if Path(x).suffix.lower() in TABLE_SUFFIXES and Path(x).is_file()))
     others = [x for x in inputs if Path(x) not in tables]
     return (iter_letter_files(others) if others else []), tables
 
 
+TableScan = tuple[int, frozenset]  # (letters in the table, letter_ids whose rows are not contiguous)
+
+
 def iter_units(
-    letter_paths: list[Path], tables: list[Path], *, skip: set[str] = frozenset(), on_skip: Callable[[], None] | None = None
+    letter_paths: list[Path],
+    tables: list[Path],
+    *,
+    skip: set[str] = frozenset(),
+    on_skip: Callable[[], None] | None = None,
+    scans: dict[Path, TableScan] | None = None,
 ) -> Iterator[Unit]:
-    """Units in input order (letter files, then tables), leaving out keys in `skip` (never parsing them)."""
+    """Units in input order (letter files, then tables), leaving out keys in `skip` (never parsing them).
+
+    `scans` holds `scan_table` results already computed for the tables (else each is scanned here).
+    """
     todo = []
     for p in letter_paths:
         if Unit(str(p), p.stem, []).key in skip:
@@ -188,7 +233,8 @@ def iter_units(
     for result in parse_many(todo):
         yield _letter_unit(result)
     for table in tables:
-        for unit in iter_table_units(table):
+        scan = (scans or {}).get(table)
+        for unit in iter_table_units(table, split=None if scan is None else scan[1]):
             if unit.key in skip:
                 on_skip and on_skip()
             else:
@@ -197,40 +243,78 @@ def iter_units(
 
 def _letter_unit(result: Letter | LetterError) -> Unit:
     if isinstance(result, LetterError):
-        return Unit(result.source, Path(result.source).stem, [], error=result.reason)
-    return Unit(result.source, result.letter_id, result.item_records())
+        return Unit(str(result.source), Path(str(result.source)).stem, [], error=str(result.reason))
+    return Unit(result.source, result.letter_id, [_clean(r) for r in result.item_records()])
 
 
-def iter_table_units(path: Path, chunk_rows: int = 1024) -> Iterator[Unit]:
-    """Contiguous rows with the same `letter_id` form one letter; rows are read in chunks of `chunk_rows`.
+def _clean(value):
+    """`value` with `clean_text` applied to every string in it (dict keys and nested lists too)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
 
-    Columns are matched like training tables (`tabular.records_from_table`: loose names, a `text`
-    column as the rationale, DMHC tables). `imr parse` error records become error rows.
+
+def scan_table(path: Path) -> TableScan:
+    """(number of letters, letter_ids whose rows are split up) of a table: one streamed pass."""
+    runs: dict[str, int] = {}
+    for letter_id, _, _ in _table_groups(path):
+        runs[letter_id] = runs.get(letter_id, 0) + 1
+    return len(runs), frozenset(i for i, n in runs.items() if n > 1)
+
+
+def iter_table_units(path: Path, chunk_rows: int = 1024, *, split: frozenset | None = None) -> Iterator[Unit]:
+    """One unit per letter of the table, in order of first appearance; rows are read in chunks of `chunk_rows`.
+
+    Contiguous rows with the same `letter_id` form one letter. Columns are matched like training tables
+    (`tabular.records_from_table`: loose names, a `text` column as the rationale, DMHC tables);
+    `imr parse` error records become error rows. A letter whose rows are not contiguous (`split`, from
+    `scan_table`; computed by a first pass when not given) becomes one error unit where its rows
+    start, so no letter is ever scored twice or half.
     """
-    source, stem = str(path), path.stem
-    current: Unit | None = None
-    seen: set[str] = set()
+    if split is None:
+        split = scan_table(path)[1]
+    source = str(path)
+    reported: set[str] = set()
+    for letter_id, records, error in _table_groups(path, chunk_rows):
+        if letter_id in split:
+            if letter_id not in reported:
+                reported.add(letter_id)
+                yield Unit(source, letter_id, [], error="rows of this letter_id are not contiguous in the table; "
+                                                        "group each letter's rows together")  # fmt: skip
+            continue
+        yield Unit(source, letter_id, [] if error else records, error=error)
+
+
+def _table_groups(path: Path, chunk_rows: int = 1024) -> Iterator[tuple[str, list[dict], str | None]]:
+    """(letter_id, records, error) per contiguous block of rows with the same letter_id, in order.
+
+    An unreadable table ends with one block (the table's stem, [], "cannot read table: ...") naming
+    the table, never its content.
+    """
+    source, stem = str(path), clean_text(path.stem)
+    current: tuple[str, list[dict], str | None] | None = None
     offset = 0
     try:
         for rows in _row_chunks(path, chunk_rows):
             for letter_id, record, error in _table_records(rows, source, stem, offset):
-                if current is not None and letter_id != current.letter_id:
+                if current is not None and letter_id != current[0]:
                     yield current
                     current = None
                 if current is None:
-                    current = Unit(source, letter_id, [])
-                    if letter_id in seen:
-                        current.error = f"rows of letter_id {letter_id!r} are not contiguous in the table"
-                    seen.add(letter_id)
-                if error and not current.error:
-                    current.error, current.records = error, []
-                elif record is not None and not current.error:
-                    current.records.append(record)
+                    current = (letter_id, [], None)
+                if error and not current[2]:
+                    current = (letter_id, [], error)
+                elif record is not None and not current[2]:
+                    current[1].append(record)
             offset += len(rows)
     except (ValueError, OSError) as exc:  # unreadable table: one error row naming it, never its content
         if current is not None:
             yield current
-        yield Unit(source, stem, [], error=f"cannot read table: {exc}")
+        yield stem, [], f"cannot read table: {exc}"
         return
     if current is not None:
         yield current
@@ -247,9 +331,10 @@ def _table_records(rows: list[dict], source: str, stem: str, offset: int) -> Ite
     k = 0  # position among the rows handed to records_from_table, which numbers id-less rows by it
     for n, row in enumerate(rows, offset + 1):
         if _is_error_record(row):
-            yield str(row.get("letter_id") or Path(str(row.get("source") or f"row{n}")).stem), None, f"input row {n}: {row['error']}"
+            letter_id = str(row.get("letter_id") or Path(str(row.get("source") or f"row{n}")).stem)
+            yield clean_text(letter_id), None, f"input row {n}: {clean_text(str(row['error']))}"
             continue
-        rec, k = next(records), k + 1
+        rec, k = _clean(next(records)), k + 1
         if rec["letter_id"] == f"{stem}:{k}":  # no id column: number rows by their place in the file
             rec["letter_id"] = f"{stem}:{n}"
         rec["item_index"] = int(row.get("item_index") or 1)
@@ -272,32 +357,38 @@ def _row_chunks(path: Path, size: int) -> Iterator[list[dict]]:
 
 
 def _table_rows(path: Path) -> Iterator[dict]:
-    """Raw rows of a .jsonl / .parquet / .csv table, streamed (CSV values stay strings; "" → None)."""
+    """Raw rows of a .jsonl / .parquet / .csv table, streamed and cleaned (CSV values stay strings; "" → None).
+
+    Every string (keys too) passes `clean_text`; undecodable bytes in JSONL/CSV become U+FFFD.
+    """
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8", errors="replace") as fh:
             for n, line in enumerate(fh, 1):
                 if line.strip():
                     try:
-                        yield json.loads(line)
+                        row = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise ValueError(f"{path}: line {n} is not JSON ({exc.msg})") from None
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{path}: line {n} is not a JSON object")
+                    yield _clean(row)
     elif suffix == ".parquet":
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
+            yield from (_clean(r) for r in batch.to_pylist())
     elif suffix == ".csv":
         import csv
 
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        with path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
             for row in csv.DictReader(fh):
-                yield {k: (v if v != "" else None) for k, v in row.items()}
+                yield {_clean(k): (_clean(v) if v != "" else None) for k, v in row.items()}
     else:
         raise ValueError(f"unsupported table {path}: use one of {', '.join(TABLE_SUFFIXES)}")
 
 
 def count_table_letters(path: Path) -> int:
     """Number of letters in a table (for the progress total)."""
-    return sum(1 for _ in iter_table_units(path))
+    return scan_table(path)[0]
 
 
 def _prefetch(units: Iterator[Unit], depth: int = _PREFETCH) -> Iterator[Unit]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -16,7 +17,8 @@ import pytest
 
 from imr_model.demo import write_demo_letters
 from imr_model.inference import predict
-from imr_model.score_output import OutputError, columns
+from imr_model import score_output
+from imr_model.score_output import OutputError, OutputLockedError, OutputWriteError, columns
 from imr_model.scoring import score
 
 from inference_helpers import tiny_model
@@ -42,7 +44,7 @@ def _read(path: Path) -> pd.DataFrame:
         return pd.read_json(path, lines=True, dtype=False)
     if path.suffix == ".csv":
         df = pd.read_csv(path, dtype={"letter_id": str})
-        for col in ("guidelines", "guideline_labels"):
+        for col in ("guidelines", "guideline_labels", "warnings"):
             df[col] = df[col].map(lambda v: json.loads(v) if isinstance(v, str) else None)
         return df
     df = pq.read_table(path).to_pandas()
@@ -58,6 +60,7 @@ def test_formats_rows_and_error_rows(model_dir, letters_dir, tmp_path, fmt):
     df = _read(out)
     assert list(df.columns) == columns(False)
     assert len(df) == summary.items + 1
+    assert df["warnings"].map(lambda w: hasattr(w, "__len__") and not isinstance(w, str)).tolist() == df["error"].isna().tolist()
     bad = df[df["letter_id"] == "zz-not-a-letter"]
     assert len(bad) == 1 and "not an IMR" in bad["error"].iloc[0] and pd.isna(bad["p_overturned"].iloc[0])
     good = df[df["error"].isna()]
@@ -106,11 +109,14 @@ def test_item_table_inputs(model_dir, letters_dir, tmp_path):
     assert bare["p_overturned"].tolist() == pytest.approx([predict(t, model=str(model_dir))[0].p_overturned
                                                            for t in ["Therapy is indicated.", "Not supported by ODG."]], abs=1e-6)  # fmt: skip
 
-    split = tmp_path / "split.jsonl"  # a letter's rows must be contiguous
-    split.write_text("".join(json.dumps({"letter_id": i, "rationale": "x"}) + "\n" for i in ["a", "b", "a"]))
+    split = tmp_path / "split.jsonl"  # a letter's rows must be contiguous: a split letter is one error row
+    split.write_text("".join(json.dumps({"letter_id": i, "rationale": "x"}) + "\n" for i in ["a", "b", "a", "c"]))
     errs = _read(_scored(model_dir, [split], tmp_path / "s.jsonl"))
-    assert errs["error"].isna().tolist() == [True, True, False]
-    assert "not contiguous" in errs["error"].iloc[2]
+    assert errs["letter_id"].tolist() == ["a", "b", "c"]
+    assert errs["error"].isna().tolist() == [False, True, True]
+    assert "not contiguous" in errs["error"].iloc[0]
+    again = score([split], tmp_path / "s.jsonl", model=str(model_dir), progress=False)  # each letter once: resumable
+    assert (again.letters, again.errors, again.skipped) == (0, 0, 3)
 
 
 def _scored(model_dir: Path, inputs, out: Path) -> Path:
@@ -211,6 +217,8 @@ def test_kill_9_then_resume_equals_uninterrupted(model_dir, tmp_path, fmt):
     while time.time() < deadline and proc.poll() is None and _progress(out) < 3:
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    with pytest.raises(OutputLockedError, match=rf"being written by another `imr score` run \(pid {proc.pid}\)"):
+        score([letters], out, model=str(model_dir), batch_size=2, attributions=True, n_steps=16, progress=False)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert not out.exists() or out.stat().st_size < ref.stat().st_size  # killed mid-run: the output is partial
@@ -221,3 +229,114 @@ def test_kill_9_then_resume_equals_uninterrupted(model_dir, tmp_path, fmt):
         assert pq.read_table(out).to_pylist() == pq.read_table(ref).to_pylist()
     else:
         assert out.read_bytes() == ref.read_bytes()  # no lost rows, no duplicates, same values
+
+
+# --------------------------------------------------------------------------- messy and hostile input
+
+
+def _item_table(path: Path, n: int, hostile: dict[int, dict]) -> None:
+    """`n` one-item letters as JSON lines; row i's fields are overridden by hostile[i] (raw JSON text)."""
+    from inference_helpers import planted_texts
+
+    texts, _ = planted_texts(n, seed=3)
+    with path.open("w", encoding="utf-8") as fh:
+        for i, text in enumerate(texts):
+            fields = {"letter_id": json.dumps(f"L{i:03d}"), "request": json.dumps(f"Request {i}"), "rationale": json.dumps(text)}
+            fields.update(hostile.get(i, {}))
+            fh.write("{" + ", ".join(f'"{k}": {v}' for k, v in fields.items()) + "}\n")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_a_lone_surrogate_costs_nothing_but_itself(model_dir, tmp_path, fmt):
+    """One `\\ud800` escape in one row of a 258-row table: every row is scored (as if the character were
+    U+FFFD), nothing becomes an error row, the outputs are valid UTF-8, and the run resumes."""
+    hostile = {100: {"rationale": '"knee pain \\ud800 persists"'},
+               200: {"request": '"Brace \\udc80"', "letter_id": '"L\\udfff200"'}}  # fmt: skip
+    table = tmp_path / "hostile" / "items.jsonl"
+    table.parent.mkdir()
+    _item_table(table, 258, hostile)
+    assert "\\ud800" in table.read_text()
+    clean = tmp_path / "clean" / "items.jsonl"  # the same table with U+FFFD written in
+    clean.parent.mkdir()
+    _item_table(clean, 258, {i: {k: v.replace("\\ud800", "\\ufffd").replace("\\udc80", "\\ufffd").replace("\\udfff", "\\ufffd")
+                                 for k, v in row.items()} for i, row in hostile.items()})  # fmt: skip
+    out = tmp_path / f"scores.{fmt}"
+    summary = score([table], out, model=str(model_dir), batch_size=16, progress=False)
+    assert (summary.letters, summary.items, summary.errors) == (258, 258, 0)
+    if fmt != "parquet":
+        out.read_bytes().decode("utf-8")  # strict: no surrogate reached the writer
+    df = _read(out)
+    assert len(df) == 258 and df["error"].isna().all() and df["p_overturned"].notna().all()
+    assert df["request"].iloc[200] == "Brace \ufffd" and df["letter_id"].iloc[200] == "L\ufffd200"
+    want = _read(_scored(model_dir, [clean], tmp_path / f"clean.{fmt}"))
+    exact = ["letter_id", "item_index", "request", "outcome", "guideline_labels", "warnings", "error"]
+    assert df[exact].astype(str).values.tolist() == want[exact].astype(str).values.tolist()
+    assert df["p_overturned"].tolist() == pytest.approx(want["p_overturned"].tolist(), abs=1e-6)
+    again = score([table], out, model=str(model_dir), batch_size=16, progress=False)  # cleaned keys resume
+    assert (again.letters, again.skipped) == (0, 258)
+
+
+def test_undecodable_bytes_and_surrogate_file_names(model_dir, tmp_path):
+    """Invalid UTF-8 inside a JSONL table and a letter file whose name is not UTF-8 (surrogateescape)."""
+    letters = tmp_path / "in"
+    write_demo_letters(letters, 2, seed=4)
+    first = sorted(letters.glob("*.txt"))[0]
+    odd = first.with_name(os.fsdecode(b"odd-\xff-name.txt"))  # str(path) holds '\udcff'
+    first.rename(odd)
+    table = tmp_path / "bytes.jsonl"
+    table.write_bytes(b'{"letter_id": "a", "rationale": "pain \xff\xfe here"}\n{"letter_id": "b", "rationale": "ok"}\n')
+    out = tmp_path / "o.jsonl"
+    summary = score([letters, table], out, model=str(model_dir), progress=False)
+    assert summary.errors == 0 and summary.letters == 4
+    text = out.read_bytes().decode("utf-8")
+    assert "odd-\ufffd-name" in text
+    again = score([letters, table], out, model=str(model_dir), progress=False)
+    assert (again.letters, again.skipped) == (0, 4)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_disk_full_mid_run_then_rerun_equals_uninterrupted(model_dir, letters_dir, tmp_path, monkeypatch, fmt):
+    """ENOSPC in the middle of a real run: `OutputWriteError` naming the output; the rerun gives the uninterrupted rows."""
+    ref = tmp_path / f"ref.{fmt}"
+    kwargs = dict(model=str(model_dir), batch_size=2, chunk_items=2, progress=False, checkpoint_rows=4)
+    score([letters_dir], ref, **kwargs)
+    journal = Path(f"{ref}.progress")
+    budget = (ref.stat().st_size + (journal.stat().st_size if journal.exists() else 0)) * 2 // 3
+    written = [0]
+    real = os.write
+
+    def full_disk(fd, data):
+        if written[0] + len(data) > budget:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written[0] += len(data)
+        return real(fd, data)
+
+    out = tmp_path / f"o.{fmt}"
+    monkeypatch.setattr(score_output, "_write", full_disk)
+    with pytest.raises(OutputWriteError, match=rf"cannot write .*o\.{fmt}.*: disk full"):
+        score([letters_dir], out, **kwargs)
+    monkeypatch.undo()
+    assert written[0] > 0
+    again = score([letters_dir], out, **kwargs)
+    assert again.skipped > 0 or fmt == "parquet"
+    if fmt == "parquet":
+        assert pq.read_table(out).to_pylist() == pq.read_table(ref).to_pylist()
+    else:
+        assert out.read_bytes() == ref.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("o.")) == (
+        [out.name] if fmt == "parquet" else [out.name, out.name + ".progress"])  # fmt: skip
+
+
+def test_a_lock_taken_by_the_caller(model_dir, letters_dir, tmp_path):
+    """The CLI loads the model itself: it locks first and hands the lock to `score`, which keeps it held."""
+    from imr_model.score_output import lock_output
+
+    out = tmp_path / "o.jsonl"
+    first = sorted(letters_dir.glob("CM99-*.txt"))[0]
+    with lock_output(out) as lock:
+        assert score([first], out, model=str(model_dir), progress=False, lock=lock).letters == 1
+        assert lock.held
+        with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
+            score([first], out, model=str(model_dir), progress=False)
+    assert not Path(f"{out}.lock").exists()
+    assert score([first], out, model=str(model_dir), progress=False).skipped == 1
