@@ -236,7 +236,7 @@ def score(
     n_steps: Annotated[int, typer.Option(help="Integration steps for --attributions.")] = 32,
 ) -> None:
     """Score letters into one row per item (outcome, p_overturned, guidelines); resumable and crash-safe."""
-    from imr_model.score_output import output_format
+    from imr_model.score_output import lock_output, output_format
 
     if engine not in ("local", "spark"):
         _fail(ValueError(f"unknown engine {engine!r}; valid: local, spark"))
@@ -245,22 +245,31 @@ def score(
     except _EXPECTED as exc:
         _fail(exc)
     start = time.perf_counter()
-    try:
-        if engine == "spark":
-            from imr_model.inference import resolve_model_uri
-            from imr_model.spark import score_files
+    if engine == "spark":
+        from imr_model.inference import resolve_model_uri
+        from imr_model.spark import score_files
 
+        try:
             uri = resolve_model_uri(model)
             _say(f"model: {uri} (spark engine)")
             summary = score_files(inputs, output, model_uri=uri)
-        else:
-            from imr_model.scoring import score as score_letters
+        except _EXPECTED as exc:
+            _fail(exc, model)
+    else:
+        from imr_model.scoring import score as score_letters
 
+        try:  # a locked, read-only or full output is refused before the model loads
+            lock = lock_output(output)
+        except _EXPECTED as exc:
+            _fail(exc)
+        try:
             predictor = _load_reported(model, backend)
             summary = score_letters(inputs, output, model=predictor, attributions=attributions, batch_size=batch_size,
-                                    backend=backend, n_steps=n_steps)  # fmt: skip
-    except _EXPECTED as exc:
-        _fail(exc, model)
+                                    backend=backend, n_steps=n_steps, lock=lock)  # fmt: skip
+        except _EXPECTED as exc:
+            _fail(exc, model)
+        finally:
+            lock.release()
     err_console.print(
         f"{summary.letters} letters, {summary.items} items, {summary.errors} errors, {summary.skipped} already done "
         f"in {_rate(summary.items, 'items', start)} → {output}"

@@ -130,7 +130,24 @@ def test_score_unusable_output_is_one_line(runner, tmp_path, model_dir):
     result = runner.invoke(app, ["score", str(tmp_path / "letters"), "-o", str(tmp_path / "file" / "out.jsonl"),
                                  "--model", str(model_dir)])  # fmt: skip
     assert result.exit_code == 2
-    assert "out.jsonl" in result.stderr
+    assert "OutputWriteError: cannot create the output directory" in result.stderr and "file" in result.stderr
+    assert "model:" not in result.stderr  # refused before the model is loaded
+    _no_traceback(result)
+
+
+def test_second_score_run_on_the_same_output_is_refused(runner, tmp_path, model_dir):
+    from imr_model.score_output import lock_output
+
+    write_demo_letters(tmp_path / "letters", 1, seed=1)
+    out = tmp_path / "out.jsonl"
+    lock = lock_output(out)  # another run holds the output
+    try:
+        result = runner.invoke(app, ["score", str(tmp_path / "letters"), "-o", str(out), "--model", str(model_dir)])
+    finally:
+        lock.release()
+    assert result.exit_code == 2
+    assert "being written by another" in result.stderr and "model:" not in result.stderr
+    assert not out.exists()
     _no_traceback(result)
 
 
