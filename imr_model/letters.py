@@ -17,6 +17,11 @@ Three layouts are recognised:
 
 An item's title runs back from its decision line to the previous paragraph break (blank line, page
 break, section heading or field label), like the reference parse of these letters.
+
+Every regular expression here runs in time linear in its input, whatever the input: no two
+adjacent quantifiers can share characters (``\s*,?\s*`` is written ``\s*(?:,\s*)?``), lazy
+``.*?`` never precedes an anchor it must scan for, and matching is done line by line on lines that
+`normalize_text` has already stripped. tests/test_parse_hostile.py holds the time per character.
 """
 
 from __future__ import annotations
@@ -24,22 +29,26 @@ from __future__ import annotations
 import glob
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
+import stat
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from imr_model.textsource import PAGE_BREAK, normalize_text, read_letter_text
-from imr_model.types import OVERTURNED, UPHELD, Item, Letter, LetterError
+from imr_model import parse_pool
+from imr_model.textsource import LETTER_SUFFIXES, PAGE_BREAK, normalize_text, read_letter_text
+from imr_model.types import OVERTURNED, UPHELD, Item, Letter, LetterError, clean_text
 
-LETTER_SUFFIXES = (".pdf", ".txt")
 MAX_ITEMS = 100  # letters hold up to ~25 items; more means the text is not a letter
+PARSE_TIME_LIMIT = parse_pool.DEFAULT_TIME_LIMIT  # s per letter in `parse_many` (a real one takes ~5 ms)
+PARSE_MEMORY_LIMIT = parse_pool.DEFAULT_MEMORY_LIMIT  # bytes of address space per parse worker
 
 # OCR-tolerant decision words: Upheld / Uphold / Upheid, Overturned / Overtumed / 0verturned.
 _UPHELD = r"U\s?p\s?h[eo][l1i]d"
 _OVERTURNED = r"[O0]\s?v\s?e\s?r\s?t\s?u\s?(?:r\s?n|m)\s?e\s?d"
 _DECISION = rf"(?P<decision>{_UPHELD}|{_OVERTURNED})"
-DECISION_LINE = re.compile(rf"^(?P<title>.*?)[:;]\s*{_DECISION}\s*\.?\s*$", re.I)
-DECISION_ALONE = re.compile(rf"^\s*{_DECISION}\s*\.?\s*$", re.I)
+# The title runs to the line's last ':'/';' (nothing after it may hold one), so `.*?` tries each
+# colon once and each try scans only up to the next colon: linear.
+DECISION_LINE = re.compile(rf"^(?P<title>.*?)[:;]\s*{_DECISION}\s*(?:\.\s*)?$", re.I)
+DECISION_ALONE = re.compile(rf"^\s*{_DECISION}\s*(?:\.\s*)?$", re.I)
 _FIELD = {
     "claims_admin_guideline": r"Claims\s+Administrators?\s+guidelines?\s*[:;]",
     "maximus_guideline": r"MAXIMUS\s+guidelines?\s*[:;]",
@@ -47,22 +56,23 @@ _FIELD = {
 }
 _FIELD_RE = re.compile("|".join(f"(?P<{k}>{v})" for k, v in _FIELD.items()), re.I)
 _FIELD_START = re.compile(r"^\s*(?:" + "|".join(_FIELD.values()) + ")", re.I)
-ISSUES_HEADING = re.compile(r"IMR\s+ISSUES\s*,?\s*DECISIONS\s+AND\s+RATIONALES", re.I)
+ISSUES_HEADING = re.compile(r"IMR\s+ISSUES\s*(?:,\s*)?DECISIONS\s+AND\s+RATIONALES", re.I)
 SUMMARY_HEADING = re.compile(r"CLINICAL\s+CASE\s+SUMMARY", re.I)
-_SET_FORTH = re.compile(r"set\s+forth\s+below\s*:?\s*$", re.I)
+_SET_FORTH = re.compile(r"set\s+forth\s+below\s*(?::\s*)?$", re.I)
 _SUMMARY_LEAD = re.compile(
     r"^\s*The\s+expert\s+reviewer\s+developed\s+the\s+following\s+clinical\s+case\s+summary\s+based\s+on\s+"
     r"a\s+review\s+of\s+the\s+case\s+file\s*,\s*including\s+all\s+medical\s+records\s*:?",
     re.I,
 )
 _DATE = r"(\d{1,2})\s*[/-]\s*(\d{1,2})\s*[/-]\s*(\d{2,4})"
+_COLON = r"\s*(?::\s*)?"  # an optional colon between spaces; `\s*:?\s*` backtracks quadratically
 _HEADER_FIELDS = {
-    "case_number": r"Case\s+(?:Number|No\.?)\s*:?\s*(CM\s?\d{2}\s?-\s?\d{5,8})",
-    "date_assigned": rf"Date\s+Assigned\s*:?\s*{_DATE}",
-    "date_of_injury": rf"Date\s+of\s+Injury\s*:?\s*{_DATE}",
-    "decision_date": rf"Decision\s+Date\s*:?\s*{_DATE}",
-    "ur_denial_date": rf"(?:UR\s+Denial\s+Date|Date\s+of\s+UR\s+Decision)\s*:?\s*{_DATE}",
-    "priority": r"Priority\s*:?\s*(Standard|Expedited|Urgent)",
+    "case_number": rf"Case\s+(?:Number|No\.?){_COLON}(CM\s?\d{{2}}\s?-\s?\d{{5,8}})",
+    "date_assigned": rf"Date\s+Assigned{_COLON}{_DATE}",
+    "date_of_injury": rf"Date\s+of\s+Injury{_COLON}{_DATE}",
+    "decision_date": rf"Decision\s+Date{_COLON}{_DATE}",
+    "ur_denial_date": rf"(?:UR\s+Denial\s+Date|Date\s+of\s+UR\s+Decision){_COLON}{_DATE}",
+    "priority": rf"Priority{_COLON}(Standard|Expedited|Urgent)",
 }
 
 _HEADER_PATTERNS = {key: re.compile(pattern, re.I) for key, pattern in _HEADER_FIELDS.items()}
@@ -92,6 +102,7 @@ def parse_text(text: str, *, source: str = "<text>", letter_id: str | None = Non
     """Parse a letter's text. Raises `LetterError` when the text is not an IMR letter or holds no items."""
     if not isinstance(text, str):
         raise TypeError(f"parse_text expects str, got {type(text).__name__}")
+    text = clean_text(text)
     lines = normalize_text(text).split("\n")
     letter_id = letter_id or (Path(source).stem if source != "<text>" else "text")
     header = _parse_header(lines)
@@ -126,35 +137,126 @@ def parse_text(text: str, *, source: str = "<text>", letter_id: str | None = Non
 
 
 def parse_file(path: str | Path) -> Letter:
-    """Read and parse one PDF or text letter. Raises `LetterError` naming the file on any failure."""
+    """Read and parse one PDF or text letter, in this process. Raises `LetterError` naming the file.
+
+    For untrusted files use `parse_many`, which bounds the time and memory one file can take.
+    """
     path = Path(path)
     text = read_letter_text(path)
     return parse_text(text, source=str(path), letter_id=path.stem)
 
 
 def iter_letter_files(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand files, folders (recursive, .pdf/.txt) and glob patterns into a sorted, de-duplicated list.
+    """Expand files, folders and glob patterns into a de-duplicated list with one entry per result.
 
-    An input that names nothing is returned as-is, so the caller reports it as an error record
-    instead of silently dropping it.
+    Every input gives at least one entry, so the caller emits a result (a `Letter` or a
+    `LetterError` row) for each and nothing is silently dropped:
+
+    * a file named explicitly is returned as given, whatever it is (a missing file, a FIFO, a
+      dangling symlink: `parse_many` reports what is wrong with it);
+    * a folder (or a symlink to one) is walked recursively in name order (`walk_letter_folder`);
+      a folder with nothing to read is returned itself and reported as such;
+    * a glob pattern gives its matches in sorted order (matched folders are walked, other matches
+      kept as if named), or the pattern itself when it matches nothing ("pattern matched no files").
     """
     found: dict[str, Path] = {}
     for raw in inputs:
         p = Path(raw)
-        if p.is_dir():
-            for sub in sorted(p.rglob("*")):
-                if sub.is_file() and sub.suffix.lower() in LETTER_SUFFIXES:
-                    found.setdefault(str(sub), sub)
-        elif p.exists():
-            found.setdefault(str(p), p)
+        if _lexists(p):
+            _expand(p, found)
         elif glob.has_magic(str(raw)):
+            seen: set = set()  # `**` follows symlinked folders: one entry per file reached
+            n_before = len(found)
             for match in sorted(glob.glob(str(raw), recursive=True)):
                 mp = Path(match)
-                if mp.is_file():
-                    found.setdefault(str(mp), mp)
+                ident = _identity(mp) or match
+                if ident not in seen:
+                    seen.add(ident)
+                    _expand(mp, found)
+            if len(found) == n_before:
+                found.setdefault(str(p), p)  # parse_many: "pattern matched no files"
         else:
             found.setdefault(str(p), p)  # missing: parse_many yields a LetterError for it
     return list(found.values())
+
+
+def _expand(p: Path, found: dict[str, Path]) -> None:
+    if p.is_dir():
+        entries = walk_letter_folder(p)
+        for sub in entries or [p]:  # an empty folder is reported, not dropped
+            found.setdefault(str(sub), sub)
+    else:
+        found.setdefault(str(p), p)
+
+
+def walk_letter_folder(folder: str | Path) -> list[Path]:
+    """The entries of a folder walk that get a result, depth first in name order (deterministic).
+
+    Included: every entry whose name ends in .pdf or .txt (any case), whatever it is, and every
+    entry that is not an ordinary file or folder whatever its name: symlinks to folders (reported,
+    not followed, so a walk never loops), dangling or looping symlinks, FIFOs, sockets, devices,
+    and folders that cannot be listed. Skipped: ordinary files with other suffixes (.csv, .docx,
+    .DS_Store ...: evidently not letters) and symlinks that resolve to such a file. A folder
+    reached twice (bind mounts) is walked once.
+    """
+    out: list[Path] = []
+    visited: set = set()
+
+    def walk(d: Path) -> None:
+        ident = _identity(d)
+        if ident in visited:
+            return
+        visited.add(ident)
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            out.append(d)  # parse_many reports why it cannot be read
+            return
+        for e in entries:
+            path = d / e.name
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    walk(path)
+                    continue
+                is_link = e.is_symlink()
+                is_regular = e.is_file(follow_symlinks=False)
+            except OSError:
+                out.append(path)
+                continue
+            if path.suffix.lower() in LETTER_SUFFIXES:
+                out.append(path)
+            elif is_link:
+                target = _stat(path)
+                if target is None or not stat.S_ISREG(target.st_mode):
+                    out.append(path)  # dangling, looping, or to a folder/FIFO/...: reported
+                elif Path(os.path.realpath(path)).suffix.lower() in LETTER_SUFFIXES:
+                    out.append(path)  # a link named without a suffix to a letter file
+            elif not is_regular:
+                out.append(path)  # FIFO, socket, device
+
+    walk(Path(folder))
+    return out
+
+
+def _lexists(p: Path) -> bool:
+    try:
+        os.lstat(p)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _stat(p: Path):
+    try:
+        return os.stat(p)
+    except (OSError, ValueError):
+        return None
+
+
+def _identity(p: Path):
+    st = _stat(p)
+    return (st.st_dev, st.st_ino) if st is not None else None
 
 
 def _parse_one(path: Path) -> Letter | LetterError:
@@ -162,23 +264,49 @@ def _parse_one(path: Path) -> Letter | LetterError:
         return parse_file(path)
     except LetterError as exc:
         return exc
+    except RecursionError:
+        return LetterError(str(path), "structure nested too deeply to parse")
+    except MemoryError:
+        return LetterError(str(path), "ran out of memory while parsing")
     except Exception as exc:  # noqa: BLE001 - a batch never dies on one bad file
-        return LetterError(str(path), f"unexpected {type(exc).__name__} while parsing: {exc}")
+        return LetterError(str(path), f"unexpected {type(exc).__name__} while parsing")
 
 
-def parse_many(paths: Iterable[str | Path], *, workers: int = 1) -> Iterator[Letter | LetterError]:
-    """Parse letters in input order, yielding a `Letter` or a `LetterError` for each path.
+def parse_many(
+    paths: Iterable[str | Path],
+    *,
+    workers: int = 1,
+    isolate: bool = True,
+    time_limit: float | None = PARSE_TIME_LIMIT,
+    memory_limit: int | None = PARSE_MEMORY_LIMIT,
+) -> Iterator[Letter | LetterError]:
+    """Parse letters, yielding a `Letter` or a `LetterError` for each path, in input order.
 
-    `workers` > 1 (or 0 = one per core) parses in a process pool; PDFium is not thread-safe.
+    By default each letter is parsed in a worker process (`imr_model.parse_pool`) under a budget of
+    `time_limit` seconds and `memory_limit` bytes of address space: a letter that exceeds it, or
+    that crashes its worker (a PDFium segfault, an abort, a decompression bomb), becomes one
+    `LetterError` saying so, the worker is replaced and the batch goes on. `workers` processes
+    parse at once (0 = one per core). Results stream: memory stays bounded for any number of paths.
+
+    ``isolate=False`` parses in this process, one letter at a time, with no time or memory bound:
+    only for trusted input (a crash or hang then takes the caller down). `workers` must be 1 then.
+    Off POSIX (no `resource`, `os.wait4`), parsing is always in-process.
     """
-    paths = [Path(p) for p in paths]
-    n = os.cpu_count() or 1 if workers == 0 else workers
-    if n <= 1 or len(paths) < 8:
+    paths = (Path(p) for p in paths)
+    if not isolate or os.name != "posix":
+        if workers != 1 and isolate is False:
+            raise ValueError("parse_many(isolate=False) parses in this process: workers must be 1")
         for p in paths:
             yield _parse_one(p)
         return
-    with ProcessPoolExecutor(max_workers=n) as pool:
-        yield from pool.map(_parse_one, paths, chunksize=8)
+    yield from parse_pool.run_isolated(
+        "imr_model.letters:_parse_one",
+        (str(p) for p in paths),
+        lambda p, reason: LetterError(p, reason),
+        workers=workers,
+        time_limit=time_limit,
+        memory_limit=memory_limit,
+    )
 
 
 # --------------------------------------------------------------------------- header / summary
@@ -257,10 +385,12 @@ def _title_start(lines: list[str], end: int, floor: int) -> int:
     """
     no_breaks = not any(not ln.strip() for ln in lines[floor:end])
     i = end
+    before: int | None = None  # the text line before a run of page breaks, found once per run
     while i - 1 >= floor:
         prev = lines[i - 1]
         if prev == PAGE_BREAK:
-            before = _prev_text_line(lines, i - 1)
+            if before is None or before >= i - 1:
+                before = _prev_text_line(lines, i - 1)
             if before is None or before < floor or lines[before].rstrip().endswith((".", ":")):
                 break
             i -= 1

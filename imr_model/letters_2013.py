@@ -15,6 +15,10 @@ and again at the end of the item's section::
 
 Decisions: "is medically necessary and appropriate" → Overturned, "is not ..." → Upheld. Each
 "Citation Used" section is one item's detail block; blocks pair with the distinct decisions in order.
+
+Linear time on any input: decisions are searched in whitespace-collapsed text, and a request runs
+at most `MAX_REQUEST_CHARS` characters and never across the next "has determined", so each
+character is scanned by at most one attempt.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ from imr_model.textsource import PAGE_BREAK
 from imr_model.types import OVERTURNED, UPHELD, Item
 
 _WS = re.compile(r"\s+")
+MAX_REQUEST_CHARS = 1000  # the longest request in the reference letters is ~350 characters
+MAX_DECISIONS = 100  # as letters.MAX_ITEMS: past this the text is not one letter (no block matching)
+# Applied to text whose whitespace runs are single spaces (so each \s+ is one character).
 DETERMINATION = re.compile(
-    r"has\s+determined\s+(?:that\s+)?the\s+request(?:ed)?\s+(?:for\s+)?(?P<request>.+?)\s+"
+    r"has\s+determined\s+(?:that\s+)?the\s+request(?:ed)?\s+(?:for\s+)?"
+    rf"(?P<request>(?:(?!has\s+determined\s).){{1,{MAX_REQUEST_CHARS}}}?)\s+"
     r"(?:is|are|was|were)\s+(?P<neg>not\s+)?medically\s+necessary(?:\s+and\s+appropriate)?",
     re.I | re.S,
 )
@@ -34,7 +42,7 @@ _CITATION = re.compile(r"(?:Medical\s+Treatment\s+Guideline\s+Schedule\s*\(MTUS\
 _CLAIMS = re.compile(r"The\s+Claims\s+Administrator\s+(?:based|did\s+not\s+base)", re.I)
 _REVIEWER = re.compile(r"The\s+(?:Expert\s+)?Reviewer\s+(?:based|found|did\s+not\s+(?:base|cite))", re.I)
 _RATIONALE = re.compile(r"Rationale\s+for\s+the\s+Decision\s*:", re.I)
-_NEXT_HEADER = re.compile(r"\s*\d{1,2}\s*[).]\s*(?:Regarding\s+the\s+request\s+for\s+.*?:?\s*$)", re.I | re.S)
+_NEXT_HEADER = re.compile(r"^\s*\d{1,2}\s*[).]\s*Regarding\s+the\s+request", re.I)  # matched on stripped lines
 
 
 def _norm(text: str) -> str:
@@ -44,7 +52,7 @@ def _norm(text: str) -> str:
 def _decisions(text: str) -> list[tuple[str, str]]:
     """Distinct (request, decision) pairs in first-seen order."""
     seen: dict[str, tuple[str, str]] = {}
-    for m in DETERMINATION.finditer(text):
+    for m in DETERMINATION.finditer(_WS.sub(" ", text)):
         request = _norm(m.group("request")).rstrip(" ,.:")
         decision = UPHELD if m.group("neg") else OVERTURNED
         seen.setdefault(request.lower(), (request, decision))
@@ -72,7 +80,7 @@ def _blocks(text: str) -> list[dict[str, str]]:
 def _strip_next_header(rationale: str) -> str:
     """Drop the next item's "2) Regarding the request for X:" heading that trails a block."""
     lines = rationale.rstrip().split("\n")
-    while lines and (not lines[-1].strip() or re.match(r"^\s*\d{1,2}\s*[).]\s*Regarding\s+the\s+request", lines[-1], re.I)):
+    while lines and (not lines[-1].strip() or _NEXT_HEADER.match(lines[-1])):
         lines.pop()
     return "\n".join(lines)
 
@@ -82,6 +90,8 @@ def parse_items_2013(lines: list[str]) -> list[Item]:
     decisions = _decisions(text)
     if not decisions:
         return []
+    if len(decisions) > MAX_DECISIONS:  # not a letter: pairing blocks would cost decisions × blocks
+        return [Item(index=k + 1, request=r, decision=d) for k, (r, d) in enumerate(decisions)]
     blocks = _blocks(text)
     items = []
     for k, (request, decision) in enumerate(decisions):

@@ -61,7 +61,7 @@ class Letter:
 
         return [
             {
-                "letter_id": self.letter_id,
+                "letter_id": clean_text(self.letter_id),  # file names may hold undecodable bytes (surrogates)
                 "case_number": self.case_number,
                 "item_index": it.index,
                 "request": it.request,
@@ -74,7 +74,7 @@ class Letter:
                 "case_summary": self.case_summary,
                 "reviewer_specialty": self.reviewer_specialty,
                 "decision_date": self.decision_date,
-                "source": self.source,
+                "source": clean_text(self.source),
             }
             for it in self.items
         ]
@@ -87,3 +87,8 @@ class LetterError(ValueError):
         self.source = source
         self.reason = reason
         super().__init__(f"{source}: {reason}")
+
+    def __reduce__(self):
+        # The default reduce re-calls __init__ with self.args (one formatted string): a LetterError
+        # could not cross a process boundary, which broke `imr parse`'s process pool.
+        return (type(self), (self.source, self.reason))
