@@ -198,6 +198,9 @@ class _Worker:
                 stderr=subprocess.DEVNULL,
                 close_fds=True,
             )
+        except OSError as exc:
+            os.close(self.rfd)
+            raise WorkerStartError(f"cannot start a parse worker with {sys.executable!r}: {exc}") from None
         except BaseException:
             os.close(self.rfd)
             raise

@@ -249,6 +249,8 @@ def test_real_letters_match_reference_parse():
     pdfs = sorted((SHARED / "pdfs").glob("*.pdf"))
     letters = {r.letter_id: r for r in parse_many(pdfs, workers=2)}
     assert all(isinstance(v, Letter) for v in letters.values())
+    # The isolated workers (the default path) parse exactly like this process does.
+    assert {r.letter_id: r for r in parse_many(pdfs, isolate=False)} == letters
     n_ref = sum(len(v) for v in ref.values())
     n_found = sum(len(v.items) for v in letters.values())
     assert n_found == n_ref == 258
