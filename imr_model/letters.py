@@ -267,7 +267,7 @@ def _parse_one(path: Path) -> Letter | LetterError:
     except RecursionError:
         return LetterError(str(path), "structure nested too deeply to parse")
     except MemoryError:
-        return LetterError(str(path), "ran out of memory while parsing")
+        raise  # in a worker: reported as "exceeded the ... memory limit", and the worker is replaced
     except Exception as exc:  # noqa: BLE001 - a batch never dies on one bad file
         return LetterError(str(path), f"unexpected {type(exc).__name__} while parsing")
 
@@ -297,7 +297,10 @@ def parse_many(
         if workers != 1 and isolate is False:
             raise ValueError("parse_many(isolate=False) parses in this process: workers must be 1")
         for p in paths:
-            yield _parse_one(p)
+            try:
+                yield _parse_one(p)
+            except MemoryError:
+                yield LetterError(str(p), "ran out of memory while parsing")
         return
     yield from parse_pool.run_isolated(
         "imr_model.letters:_parse_one",

@@ -52,6 +52,7 @@ DEFAULT_MEMORY_LIMIT = 1536 * 2**20  # bytes of address space per worker; a real
 MEMORY_DEATH_FRACTION = 0.4  # a worker killed by a signal with peak RSS ≥ this × limit ran out of memory
 START_TIMEOUT = 60.0  # s for a worker to import its target and report ready
 _HEADER = struct.Struct("!Q")
+_END = object()
 _BOOT = (
     "import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
     "from imr_model.parse_pool import _worker_main; _worker_main(sys.argv[2])"
@@ -105,11 +106,11 @@ def _run(target, items, on_failure, n_workers, time_limit, memory_limit, window)
             # Hand out items while the window allows: to an idle worker, else start one.
             while True:
                 if head is None and not exhausted and taken < next_seq + window:
-                    head = next(items, None)
-                    if head is None:
+                    item = next(items, _END)
+                    if item is _END:
                         exhausted = True
                     else:
-                        head = (taken, head)
+                        head = (taken, item)
                         taken += 1
                 if head is None:
                     break
@@ -147,6 +148,9 @@ def _run(target, items, on_failure, n_workers, time_limit, memory_limit, window)
                 seq, item = w.task
                 done[seq] = on_failure(item, f"exceeded the {time_limit:g} s parse time limit")
     finally:
+        for w in pool:  # EOF first, so idle workers all exit at once
+            if w.state == "idle":
+                w._close_fds()
         for w in pool:
             w.close()
 
@@ -256,7 +260,7 @@ class _Worker:
     def close(self) -> None:
         """End the worker: an idle one exits on EOF on its stdin; a busy one is killed."""
         if self.status is None and self.state == "idle":
-            self._close_fds()
+            self._close_fds()  # idempotent
             deadline = time.monotonic() + 2.0
             while self.status is None and time.monotonic() < deadline:
                 self._reap(os.WNOHANG)
