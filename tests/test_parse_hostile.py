@@ -25,7 +25,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from imr_model import parse_pool, textsource
@@ -516,6 +516,9 @@ FRAGMENTS = [
 @pytest.mark.timeout(600)
 @settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=10), st.integers(20_000, 1_000_000))
+@example(["has determined the request for ", "x", " is "], 1_000_000)  # the 1 MB text that hung
+@example(["x", ":", " " * 5000, "Upheld", "\n"], 1_000_000)
+@example(["\f", "\n", "x:", "\n", "Upheld", "\n"], 1_000_000)
 def test_parse_time_per_character_is_bounded(reference_seconds_per_char, fragments, size):
     unit = "".join(fragments)
     text = (unit * (size // len(unit) + 1))[:size]
