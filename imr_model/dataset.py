@@ -380,8 +380,8 @@ def load_records(
     tables, letters = [], []
     for raw in inputs:
         matches = sorted(glob.glob(str(raw), recursive=True)) if glob.has_magic(str(raw)) else [str(raw)]
-        for m in matches:
-            (tables if Path(m).suffix.lower() in TABLE_SUFFIXES else letters).append(m)
+        for m in matches or [str(raw)]:  # a pattern matching nothing goes on, so it comes back as an error
+            (tables if Path(m).suffix.lower() in TABLE_SUFFIXES and not glob.has_magic(m) else letters).append(m)
     records: list[dict] = []
     errors: list[LetterError] = []
     for table in tables:

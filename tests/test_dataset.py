@@ -510,3 +510,11 @@ def test_cli_data_commands(http_server, tmp_path):
     assert result.exit_code == 0, result.output
     loaded = load_dataset_dir(out)
     assert sum(len(loaded[s]) for s in SPLITS) == sum(len(x.items) for x in generate_letters(12, seed=4)) + 8
+
+
+def test_load_records_reports_a_glob_that_matches_nothing(tmp_path):
+    from imr_model.dataset import load_records
+
+    records, errors = load_records([str(tmp_path / "none" / "*.pdf")])
+    assert records == []
+    assert [e.reason for e in errors] == ["pattern matched no files"]
