@@ -584,3 +584,14 @@ def test_slow_headers_get_the_connection_closed(open_server):
         assert sock.recv(1024) == b""  # a connection that never sends anything is closed too
     assert time.monotonic() - idle_start < HEADER_TIMEOUT + 3
     assert httpx.get(base + "/health", timeout=10).status_code == 200
+
+
+def test_bad_model_fails_at_start_up_and_leaves_no_worker(tmp_path):
+    from imr_model.inference import ModelNotFoundError
+    from imr_model.serving_pool import default_workers
+
+    before = set(Path(tempfile.gettempdir()).glob("imr-serve-*"))
+    with pytest.raises(ModelNotFoundError):
+        create_app(str(tmp_path / "no-such-model"), token="", workers=1)
+    assert set(Path(tempfile.gettempdir()).glob("imr-serve-*")) <= before  # its temporary directory is gone too
+    assert [default_workers(n) for n in (1, 2, 3, 4, 8, 16)] == [1, 2, 2, 2, 4, 4]
