@@ -304,21 +304,35 @@ def explain(
 @app.command()
 def serve(
     model: Annotated[Optional[str], typer.Option(help=_MODEL_HELP)] = None,
-    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
     backend: Annotated[str, typer.Option(help="torch | onnx.")] = "torch",
-    timeout: Annotated[float, typer.Option(help="Per-request prediction timeout in seconds (504 beyond).")] = 60.0,
+    timeout: Annotated[float, typer.Option(help="Per-request deadline in seconds, queueing included (504 beyond; "
+                                                "the worker is killed and replaced).")] = 60.0,
     max_body_mb: Annotated[float, typer.Option(help="Request body limit in MB (413 beyond).")] = 5.0,
+    workers: Annotated[Optional[int], typer.Option(help="Prediction worker processes (default: 2 on 2 cores, "
+                                                        "half the cores above 4, at most 4).")] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting for a worker before 503.")] = 16,
+    body_timeout: Annotated[float, typer.Option(help="Seconds to receive a request body (408 beyond).")] = 30.0,
+    header_timeout: Annotated[float, typer.Option(help="Seconds to receive the request line and headers.")] = 10.0,
 ) -> None:
     """Serve predictions over HTTP (FastAPI + uvicorn); set $IMR_API_TOKEN to require a bearer token."""
+    import gc
+
+    from imr_model.inference import clear_cache
     from imr_model.serving import serve as run_server
 
-    predictor = _load_reported(model, backend)
+    predictor = _load_reported(model, backend)  # a bad model fails here, before a port is bound
+    uri = predictor.uri
+    del predictor
+    clear_cache()  # the workers load their own copy; this process only answers HTTP
+    gc.collect()
     try:
-        run_server(predictor.uri, host=host, port=port, backend=backend, timeout_s=timeout,
-                   max_body_bytes=int(max_body_mb * 1024 * 1024))  # fmt: skip
+        run_server(uri, host=host, port=port, backend=backend, timeout_s=timeout,
+                   max_body_bytes=int(max_body_mb * 1024 * 1024), workers=workers, max_queue=max_queue,
+                   body_timeout_s=body_timeout, header_timeout_s=header_timeout)  # fmt: skip
     except _EXPECTED as exc:
-        _fail(exc, predictor.uri)
+        _fail(exc, uri)
 
 
 # --------------------------------------------------------------------------- training (train / evaluate / promote / pretrain)

@@ -158,3 +158,41 @@ def test_missing_model_directory_is_one_line(runner, tmp_path):
     assert result.exit_code == 2
     assert "nope" in result.stderr
     _no_traceback(result)
+
+
+@pytest.mark.slow
+def test_imr_serve_says_which_model_and_answers_health(tmp_path, model_dir):
+    """The default `imr serve` path: a real process, loopback only, stopped by the test."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("IMR_API_TOKEN", None)
+    proc = subprocess.Popen([sys.executable, "-c", "from imr_model.cli import main; main()", "serve", "--model",
+                             str(model_dir), "--port", str(port), "--workers", "1"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline, health = time.monotonic() + 120, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                if health.status_code == 200 and health.json().get("status") == "ok":
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert health is not None and health.status_code == 200, proc.poll()
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"text": "Physical therapy: Upheld"}, timeout=60)
+        assert r.status_code == 200 and r.json()["items"]
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert f"model: {model_dir} [--model]" in err.decode()
