@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from imr_model import familiarity
 from imr_model.baseline import TfidfFeatures, fit_binary_logistic
 from imr_model.calibration import calibrate, calibrate_outcome, decide_labels, fit_basis_extra, fit_temperature
 from imr_model.config import LINEAR_POOLINGS, TrainConfig
@@ -707,6 +708,11 @@ def train_classifier(
                   one_basis=finetuned_head and cfg.train.guideline_decoding == "one_basis")  # fmt: skip
         clf.metrics["calibrated_on"] = f"{len(val)} validation items"
     clf.metrics.update({"best_epoch": best_epoch, "pos_weight": pos_weight})
+    # Statistics of the training items for the input checks (imr_model.familiarity), from the final encoder's
+    # window vectors (those the head refits read, when they were computed); saved by familiarity.save_classifier_profile.
+    familiarity.attach_profile(clf, familiarity.fit_classifier_profile(
+        clf, train.texts, trainer.windows, None if vectors is None else vectors[1].numpy(), cfg.train.eval_batch_size,
+        groups=train.groups))
     clf.net.eval()
     return clf, history
 

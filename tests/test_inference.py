@@ -60,6 +60,7 @@ def test_predict_letter_path(model_dir, letters):
         assert set(p.guideline_labels) == {n for n, v in p.guidelines.items() if v >= 0.5}
         assert p.letter_decision in ("Upheld", "Overturned")
         assert json.loads(json.dumps(p.to_dict()))["p_overturned"] == p.p_overturned
+        assert p.warnings == () and p.to_dict()["warnings"] == []  # a parsed letter: no input warning
 
 
 def test_path_text_and_pdf_agree(model_dir, letters, tmp_path):
@@ -114,6 +115,11 @@ def test_bare_item_text_and_dict(model_dir):
     assert from_dict.request == "Physical therapy x6"
     assert from_dict.p_overturned == pytest.approx(pred.p_overturned, abs=1e-6)
     assert from_text_col.p_overturned == pytest.approx(pred.p_overturned, abs=1e-6)
+    # the tiny model has no reference profile: bare items say so (imr_model.familiarity); the text has IMR cues
+    assert [w.split(":")[0] for w in pred.warnings] == ["profile"] and from_dict.warnings == pred.warnings
+    (junk,) = predict("The weather is nice today", model=str(model_dir))
+    assert [w.split(":")[0] for w in junk.warnings] == ["structure", "profile"]
+    assert load_model(str(model_dir)).metadata()["familiarity"] == {"profile": False, "checks": ["structure"]}
 
 
 def test_bad_inputs(model_dir, tmp_path):
