@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from imr_model import familiarity
 from imr_model.baseline import ARRAYS_FILE as BASELINE_ARRAYS
 from imr_model.baseline import JSON_FILE as BASELINE_JSON
 from imr_model.baseline import BaselineModel
@@ -282,6 +283,7 @@ def _save(cfg: TrainConfig, clf, baseline: BaselineModel, digest: str, metrics: 
                                                "data_source": source, "package_version": __version__})  # fmt: skip
     clf.metrics.update(metrics)
     clf.save_pretrained(model_dir)
+    familiarity.save_classifier_profile(clf, model_dir)  # the input-warning statistics (no texts); digest recorded
     baseline.save(model_dir / BASELINE_DIR)
     for name in (BASELINE_JSON, BASELINE_ARRAYS):  # checked on load like the model's own files
         record_digest(model_dir, f"{BASELINE_DIR}/{name}")

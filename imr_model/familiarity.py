@@ -108,9 +108,13 @@ def record_text(record: Mapping) -> str:
     return "\n".join(str(record.get(k) or "") for k in ("request", "rationale", "case_summary", "text"))
 
 
+#: Fields only `Letter.item_records` gives a record: their presence marks an item parsed from a letter.
+LETTER_RECORD_FIELDS = ("decision", "maximus_guideline", "case_number")
+
+
 def is_letter_record(record: Mapping) -> bool:
     """True for an item record parsed from a letter (it has the `Letter.item_records` fields a letter states)."""
-    return all(k in record for k in ("decision", "maximus_guideline", "case_number"))
+    return all(k in record for k in LETTER_RECORD_FIELDS)
 
 
 def word_count(text: str) -> int:

@@ -8,7 +8,8 @@ is, for rows where it is non-empty), applies the model's text view and returns o
 row: `outcome` (Upheld/Overturned), `p_overturned` (calibrated), `guideline_labels` (predicted
 label ids), `guidelines` (JSON object label → probability) and `warnings` (list of strings, empty when
 the row looks like an IMR item the model was trained on; `imr_model.familiarity`: a row is never a
-parsed letter, so the structure check reads every row).
+parsed letter, so the structure check reads every row, unless the caller passes the param
+`parsed_letters=True` because it built the rows from parsed letters, as the Spark engine does).
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class IMRPyfuncModel(PythonModel):
         batch_size = int((params or {}).get("batch_size", 32))
         inputs = _frame_inputs(model_input, clf.config.text_view, clf.config.context_view)
         texts, records = [t for t, _ in inputs], [r for _, r in inputs]
+        if (params or {}).get("parsed_letters"):  # the caller built these rows from parsed letters (the Spark engine)
+            from imr_model.familiarity import LETTER_RECORD_FIELDS
+
+            records = [{**dict.fromkeys(LETTER_RECORD_FIELDS), **r} for r in records]
         p, P, warnings = predict_with_warnings(clf, getattr(self, "profile", None), records, texts, batch_size)
         outcomes, labels = clf.decide(p, P)
         return pd.DataFrame(

@@ -24,7 +24,7 @@ from typing import Iterable
 
 from imr_model.pyfunc_model import INPUT_COLUMNS, MODEL_DIR_ARTIFACT, OUTPUT_COLUMNS
 
-RESULT_TYPE = "outcome string, p_overturned double, guideline_labels array<string>, guidelines string"
+RESULT_TYPE = "outcome string, p_overturned double, guideline_labels array<string>, guidelines string, warnings array<string>"
 _PARSED_SCHEMA = (
     "seq long, source string, letter_id string, item_index int, request string, rationale string, "
     "case_summary string, error string"
@@ -68,8 +68,11 @@ def as_pyfunc_uri(model: str | Path | None, workdir: str | Path) -> str:
     return str(target)
 
 
-def score(df, model_uri: str, *, batch_size: int = 32):
-    """`df` with `outcome`, `p_overturned`, `guideline_labels`, `guidelines` added (pyfunc via spark_udf)."""
+def score(df, model_uri: str, *, batch_size: int = 32, parsed_letters: bool = False):
+    """`df` with `outcome`, `p_overturned`, `guideline_labels`, `guidelines`, `warnings` added (pyfunc via spark_udf).
+
+    `parsed_letters`: the rows are items of parsed letters (the input warnings then skip the structure check).
+    """
     import mlflow
     from pyspark.sql import functions as F
 
@@ -80,21 +83,24 @@ def score(df, model_uri: str, *, batch_size: int = 32):
     if clash:
         raise ValueError(f"DataFrame already has output column(s) {clash}; drop or rename them first")
     udf = mlflow.pyfunc.spark_udf(df.sparkSession, model_uri, result_type=RESULT_TYPE, env_manager="local",
-                                  params={"batch_size": batch_size})  # fmt: skip
+                                  params={"batch_size": batch_size, "parsed_letters": parsed_letters})  # fmt: skip
     scored = df.withColumn("_imr", udf(F.struct(*[F.col(c).cast("string").alias(c) for c in inputs])))
     return scored.select(*df.columns, *[F.col(f"_imr.{c}").alias(c) for c in OUTPUT_COLUMNS])
 
 
 def _parse_partition(rows: Iterable) -> Iterable[tuple]:
-    """Executor side: (seq, path) → one tuple per item, or one error tuple per unreadable letter."""
-    from imr_model.letters import parse_file
+    """Executor side: (seq, path) → one tuple per item, or one error tuple per unreadable letter.
+
+    Parsed like `imr score` parses: in a worker process under the time and memory budget, so a bomb or a
+    hang costs one error row, not the executor.
+    """
+    from imr_model.letters import parse_many
     from imr_model.types import LetterError
 
-    for seq, path in rows:
-        try:
-            letter = parse_file(path)
-        except LetterError as exc:
-            yield (seq, path, Path(path).stem, None, None, None, None, exc.reason)
+    rows = list(rows)
+    for (seq, path), letter in zip(rows, parse_many([p for _, p in rows])):
+        if isinstance(letter, LetterError):
+            yield (seq, path, Path(path).stem, None, None, None, None, letter.reason)
             continue
         for r in letter.item_records():
             yield (seq, path, letter.letter_id, r["item_index"], r["request"], r["rationale"], r["case_summary"], None)
@@ -109,15 +115,28 @@ def score_files(
     spark=None,
 ):
     """`imr score --engine spark`: parse and score letters on Spark, write rows like the local engine."""
-    from imr_model.letters import iter_letter_files
-    from imr_model.score_output import open_writer, output_format
-    from imr_model.scoring import ScoreSummary, Unit, error_row
+    from imr_model.score_output import lock_output, output_format
 
     output_format(output)
     start = time.perf_counter()
+    lock = lock_output(output)  # before Spark starts: a second run on this output fails at once
+    try:
+        summary = _score_files_locked(inputs, output, model_uri, batch_size, spark, lock)
+    finally:
+        lock.release()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _score_files_locked(inputs, output, model_uri, batch_size, spark, lock):
+    from imr_model.letters import iter_letter_files
+    from imr_model.score_output import open_writer
+    from imr_model.scoring import ScoreSummary, Unit, error_row
+
     with tempfile.TemporaryDirectory(prefix="imr-spark-") as tmp:
         uri = as_pyfunc_uri(model_uri, tmp)
-        writer = open_writer(output, with_attributions=False, run_info={"model": f"spark|{uri if '://' in uri else 'local'}"})
+        writer = open_writer(output, with_attributions=False, run_info={"model": f"spark|{uri if '://' in uri else 'local'}"},
+                             lock=lock)  # fmt: skip
         paths = [str(p) for p in iter_letter_files([str(x) for x in inputs])]
         todo = [(i, p) for i, p in enumerate(paths) if Unit(p, Path(p).stem, []).key not in writer.done]
         summary = ScoreSummary(skipped=len(paths) - len(todo))
@@ -128,7 +147,7 @@ def score_files(
             spark = spark or get_spark()
             rdd = spark.sparkContext.parallelize(todo, max(1, min(len(todo) // 8, 64))).mapPartitions(_parse_partition)
             parsed = spark.createDataFrame(rdd, _PARSED_SCHEMA)
-            ok = score(parsed.where("error IS NULL"), uri, batch_size=batch_size)
+            ok = score(parsed.where("error IS NULL"), uri, batch_size=batch_size, parsed_letters=True)
             failed = parsed.where("error IS NOT NULL").select(*parsed.columns, *[_null(c) for c in OUTPUT_COLUMNS])
             rows = ok.unionByName(failed).orderBy("seq", "item_index").toLocalIterator()
             try:
@@ -137,14 +156,14 @@ def score_files(
                 if owned:
                     spark.stop()
         writer.close()
-    summary.seconds = time.perf_counter() - start
     return summary
 
 
 def _null(column: str):
     from pyspark.sql import functions as F
 
-    kinds = {"outcome": "string", "p_overturned": "double", "guideline_labels": "array<string>", "guidelines": "string"}
+    kinds = {"outcome": "string", "p_overturned": "double", "guideline_labels": "array<string>", "guidelines": "string",
+             "warnings": "array<string>"}
     return F.lit(None).cast(kinds[column]).alias(column)
 
 
@@ -172,7 +191,8 @@ def _write_grouped(rows, writer, summary, error_row, letters_per_chunk: int = 16
         out.append({
             "letter_id": r["letter_id"], "item_index": r["item_index"], "request": r["request"],
             "outcome": r["outcome"], "p_overturned": r["p_overturned"], "guidelines": json.loads(r["guidelines"]),
-            "guideline_labels": list(r["guideline_labels"] or []), "source": r["source"], "error": None,
+            "guideline_labels": list(r["guideline_labels"] or []), "warnings": list(r["warnings"] or []),
+            "source": r["source"], "error": None,
         })  # fmt: skip
     if keys:
         writer.write(keys, out)

@@ -177,15 +177,18 @@ def _finite(v: Any) -> bool:
 def model_signature():
     """Pyfunc signature: optional item columns in; outcome, probability, labels, JSON probabilities out."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
     from imr_model.pyfunc_model import INPUT_COLUMNS
 
     inputs = Schema([ColSpec("string", name, required=False) for name in INPUT_COLUMNS])
     outputs = Schema([ColSpec("string", "outcome"), ColSpec("double", "p_overturned"),
-                      ColSpec(Array("string"), "guideline_labels"), ColSpec("string", "guidelines")])  # fmt: skip
-    return ModelSignature(inputs=inputs, outputs=outputs)
+                      ColSpec(Array("string"), "guideline_labels"), ColSpec("string", "guidelines"),
+                      ColSpec(Array("string"), "warnings")])  # fmt: skip
+    params = ParamSchema([ParamSpec("batch_size", "long", 32),
+                          ParamSpec("parsed_letters", "boolean", False)])  # rows built from parsed letters (Spark engine)
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def demo_input_example():

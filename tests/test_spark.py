@@ -63,8 +63,9 @@ def test_spark_udf_matches_in_process(spark, logged, letters):
     records = [r for p in letters for r in parse_file(p).item_records()]
     cols = ["letter_id", "item_index", "request", "rationale", "case_summary"]
     df = spark.createDataFrame([tuple(r[c] for c in cols) for r in records], cols).repartition(4)
-    scored = score(df, uri)
-    assert [f.name for f in scored.schema.fields][-4:] == ["outcome", "p_overturned", "guideline_labels", "guidelines"]
+    scored = score(df, uri, parsed_letters=True)  # rows of parsed letters, as predict_batch sees them
+    assert [f.name for f in scored.schema.fields][-5:] == ["outcome", "p_overturned", "guideline_labels", "guidelines",
+                                                           "warnings"]
     rows = {(r["letter_id"], r["item_index"]): r for r in scored.collect()}
     assert len(rows) == len(records)
     expected = [p for group in predict_batch(letters, model=str(model_dir)) for p in group]
@@ -72,6 +73,7 @@ def test_spark_udf_matches_in_process(spark, logged, letters):
     np.testing.assert_allclose([r["p_overturned"] for r in got], [p.p_overturned for p in expected], atol=1e-5)
     assert [r["outcome"] for r in got] == [p.outcome for p in expected]
     assert [list(r["guideline_labels"]) for r in got] == [list(p.guideline_labels) for p in expected]
+    assert [list(r["warnings"]) for r in got] == [list(p.warnings) for p in expected]
 
 
 def test_score_files_engine_spark(spark, logged, letters, tmp_path):
@@ -91,6 +93,6 @@ def test_score_files_engine_spark(spark, logged, letters, tmp_path):
     assert a[["letter_id", "item_index", "request", "outcome"]].astype(str).values.tolist() == \
         b[["letter_id", "item_index", "request", "outcome"]].astype(str).values.tolist()  # fmt: skip
     np.testing.assert_allclose(a["p_overturned"].fillna(-1), b["p_overturned"].fillna(-1), atol=1e-5)
-    assert "cannot read" in a["error"].dropna().iloc[0]
+    assert "file not found" in a["error"].dropna().iloc[0]
     again = score_files(inputs, out, model_uri=str(model_dir), spark=spark)
     assert (again.letters, again.skipped) == (0, 21)
