@@ -28,7 +28,7 @@ import numpy as np
 
 from imr_model import familiarity
 from imr_model.attribution import DEFAULT_STEPS, OUTCOME, Attribution, attribute_many, check_target
-from imr_model.letters import LETTER_SUFFIXES, parse_file, parse_text
+from imr_model.letters import LETTER_SUFFIXES, parse_many, parse_text
 from imr_model.types import Letter, LetterError
 
 MODEL_ENV = "IMR_MODEL_URI"
@@ -336,11 +336,38 @@ def _registry_version(uri: str) -> str:
 
 
 def as_records(x: Letter | str | os.PathLike | dict) -> list[dict]:
-    """Item records for a `Letter`, a letter file path, a letter's text, a bare item text or an item dict."""
+    """Item records for a `Letter`, a letter file path, a letter's text, a bare item text or an item dict.
+
+    Files are parsed in a worker process under the parse budget (`letters.parse_many`), so a
+    decompression bomb or a hang raises a `LetterError` instead of taking the caller down.
+    """
+    return _records_many([x])[0]
+
+
+def _records_many(inputs: Sequence) -> list[list[dict]]:
+    """`as_records` for each input; the files among them are parsed together, in isolated workers."""
+    paths = {i: Path(x) for i, x in enumerate(inputs) if _is_path_input(x)}
+    parsed = dict(zip(paths, parse_many(list(paths.values())))) if paths else {}
+    out = []
+    for i, x in enumerate(inputs):
+        if i in parsed:
+            if isinstance(parsed[i], LetterError):
+                raise parsed[i]
+            out.append(parsed[i].item_records())
+        else:
+            out.append(_non_file_records(x))
+    return out
+
+
+def _is_path_input(x) -> bool:
+    if isinstance(x, os.PathLike):
+        return True
+    return isinstance(x, str) and len(x) <= MAX_TEXT_CHARS and _looks_like_path(x)
+
+
+def _non_file_records(x) -> list[dict]:
     if isinstance(x, Letter):
         return x.item_records()
-    if isinstance(x, os.PathLike):
-        return parse_file(x).item_records()
     if isinstance(x, dict):
         if not any(x.get(k) for k in ("request", "rationale", "case_summary", "text")):
             raise ValueError(f"item dict needs one of request, rationale, case_summary, text; got keys {sorted(x)}")
@@ -349,8 +376,6 @@ def as_records(x: Letter | str | os.PathLike | dict) -> list[dict]:
         raise TypeError(f"predict() takes a letter path, a letter's text, an item text, a dict or a Letter; got {type(x).__name__}")
     if len(x) > MAX_TEXT_CHARS:
         raise ValueError(f"text has {len(x):,} characters (> {MAX_TEXT_CHARS:,}); not a letter")
-    if _looks_like_path(x):
-        return parse_file(Path(x)).item_records()
     return text_records(x)
 
 
@@ -385,14 +410,18 @@ def _with_text_fields(record: dict) -> dict:
 
 
 def _looks_like_path(x: str) -> bool:
-    if "\n" in x or len(x) > 4096:
+    """A one-line string that names an existing file, or ends in .pdf/.txt (spaces allowed: "my letters/a.pdf").
+
+    Meant as a file even when it is missing, so the caller gets "file not found" naming it rather than
+    a prediction for the path's characters.
+    """
+    if "\n" in x or len(x) > 1024 or not x.strip():
         return False
-    p = Path(x)
-    if p.suffix.lower() in LETTER_SUFFIXES and not any(ch.isspace() for ch in x.strip()):
-        return True  # meant as a file even if missing: parse_file then names it in the error
+    if Path(x.strip()).suffix.lower() in LETTER_SUFFIXES:
+        return True
     try:
-        return p.is_file()
-    except OSError:
+        return Path(x).is_file()
+    except (OSError, ValueError):
         return False
 
 
@@ -428,7 +457,7 @@ def predict_batch(
 ) -> list[list[ItemPrediction]]:
     """`predict` for many inputs with shared batches; one list of item predictions per input, in order."""
     predictor = load_model(model, backend=backend)
-    groups = [as_records(x) for x in inputs]
+    groups = _records_many(list(inputs))
     flat = [r for g in groups for r in g]
     preds = predictor.predict_records(flat, attributions=attributions, target=target, n_steps=n_steps, batch_size=batch_size)
     out, pos = [], 0

@@ -213,3 +213,36 @@ def test_loaded_once_and_thread_safe(model_dir, letters):
             np.testing.assert_allclose(value, expected_attr, atol=1e-5)
         else:
             np.testing.assert_allclose(value[1], expected[value[0]], atol=1e-5)
+
+
+def test_a_missing_path_with_spaces_is_a_missing_file_not_letter_text(tmp_path):
+    from imr_model.inference import as_records
+    from imr_model.types import LetterError
+
+    missing = str(tmp_path / "my letters" / "CM16 0001.pdf")
+    with pytest.raises(LetterError, match="file not found"):
+        as_records(missing)
+    folder = tmp_path / "my letters"
+    folder.mkdir()
+    from imr_model.demo import generate_letters
+
+    (folder / "a letter.txt").write_text(next(iter(generate_letters(1, seed=5))).text, encoding="utf-8")
+    records = as_records(str(folder / "a letter.txt"))
+    assert records and all(r["letter_id"] == "a letter" for r in records)
+
+
+def test_file_inputs_are_parsed_in_an_isolated_worker(tmp_path, monkeypatch):
+    """A parser crash on one file becomes a LetterError for the caller, not a dead process."""
+    from imr_model import inference
+    from imr_model.types import LetterError
+
+    calls = []
+
+    def fake_parse_many(paths, **kwargs):
+        calls.append((list(paths), kwargs))
+        return [LetterError(str(p), "parser process crashed (signal 11, SIGSEGV)") for p in paths]
+
+    monkeypatch.setattr(inference, "parse_many", fake_parse_many)
+    with pytest.raises(LetterError, match="SIGSEGV"):
+        inference.as_records(str(tmp_path / "x.pdf"))
+    assert calls and calls[0][1] == {}  # the default (isolated) parse_many path
