@@ -167,7 +167,11 @@ def iter_letter_files(inputs: Iterable[str | Path]) -> list[Path]:
         elif glob.has_magic(str(raw)):
             seen: set = set()  # `**` follows symlinked folders: one entry per file reached
             n_before = len(found)
-            for match in sorted(glob.glob(str(raw), recursive=True)):
+            try:
+                matches = sorted(glob.glob(str(raw), recursive=True))
+            except RecursionError:  # `**` recurses per folder level
+                matches = []
+            for match in matches:
                 mp = Path(match)
                 ident = _identity(mp) or match
                 if ident not in seen:
@@ -201,8 +205,11 @@ def walk_letter_folder(folder: str | Path) -> list[Path]:
     """
     out: list[Path] = []
     visited: set = set()
+    # Depth-first in name order with an explicit stack (a folder tree 1,000 levels deep must not hit
+    # Python's recursion limit): each stack entry is the sorted, not yet visited entries of one folder.
+    stack: list[list] = []
 
-    def walk(d: Path) -> None:
+    def enter(d: Path) -> None:
         ident = _identity(d)
         if ident in visited:
             return
@@ -213,29 +220,33 @@ def walk_letter_folder(folder: str | Path) -> list[Path]:
         except OSError:
             out.append(d)  # parse_many reports why it cannot be read
             return
-        for e in entries:
-            path = d / e.name
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    walk(path)
-                    continue
-                is_link = e.is_symlink()
-                is_regular = e.is_file(follow_symlinks=False)
-            except OSError:
-                out.append(path)
-                continue
-            if path.suffix.lower() in LETTER_SUFFIXES:
-                out.append(path)
-            elif is_link:
-                target = _stat(path)
-                if target is None or not stat.S_ISREG(target.st_mode):
-                    out.append(path)  # dangling, looping, or to a folder/FIFO/...: reported
-                elif Path(os.path.realpath(path)).suffix.lower() in LETTER_SUFFIXES:
-                    out.append(path)  # a link named without a suffix to a letter file
-            elif not is_regular:
-                out.append(path)  # FIFO, socket, device
+        stack.append([(d / e.name, e) for e in reversed(entries)])
 
-    walk(Path(folder))
+    enter(Path(folder))
+    while stack:
+        if not stack[-1]:
+            stack.pop()
+            continue
+        path, e = stack[-1].pop()
+        try:
+            if e.is_dir(follow_symlinks=False):
+                enter(path)
+                continue
+            is_link = e.is_symlink()
+            is_regular = e.is_file(follow_symlinks=False)
+        except OSError:
+            out.append(path)
+            continue
+        if path.suffix.lower() in LETTER_SUFFIXES:
+            out.append(path)
+        elif is_link:
+            target = _stat(path)
+            if target is None or not stat.S_ISREG(target.st_mode):
+                out.append(path)  # dangling, looping, or to a folder/FIFO/...: reported
+            elif Path(os.path.realpath(path)).suffix.lower() in LETTER_SUFFIXES:
+                out.append(path)  # a link named without a suffix to a letter file
+        elif not is_regular:
+            out.append(path)  # FIFO, socket, device
     return out
 
 

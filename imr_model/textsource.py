@@ -138,6 +138,8 @@ def _folder_reason(path: Path) -> str:
                 return "is a folder, not a letter file (read folders with `imr parse FOLDER` or iter_letter_files)"
     except OSError as exc:
         return f"folder cannot be read ({(exc.strerror or str(exc)).lower()})"
+    except RecursionError:  # os.walk recurses: a tree ~1,000 folders deep
+        return "is a folder nested too deeply to search for letters"
     return "folder holds no .pdf or .txt letter files"
 
 

@@ -446,3 +446,20 @@ def test_mixed_folder_under_a_4gb_address_space_limit_keeps_peak_rss_under_2gb(m
     assert report["entries"] == report["results"] == len(expected)
     assert report["errors"] == sum(r is not None for r in expected.values())
     assert report["children_maxrss_kb"] < 2 << 20 and report["self_maxrss_kb"] < 2 << 20, report
+
+
+def test_a_folder_tree_1500_levels_deep_is_walked_without_recursion(tmp_path):
+    deep = tmp_path / "deep"
+    d = str(deep)
+    os.mkdir(d)
+    for _ in range(1500):  # os.makedirs itself recurses per level
+        d += "/d"
+        os.mkdir(d)
+    d = Path(d)
+    (d / "letter.txt").write_text(demo_letter_text(6), encoding="utf-8")
+    found = iter_letter_files([deep])
+    assert found == [d / "letter.txt"]
+    (result,) = list(parse_many(found))
+    assert isinstance(result, Letter)
+    (empty,) = iter_letter_files([tmp_path / "deep" / "d"])  # named explicitly: one entry, the letter
+    assert empty.name == "letter.txt"
