@@ -13,12 +13,20 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def clean_text(text: str) -> str:
-    """Replace lone UTF-16 surrogates (which no UTF-8 encoder, tokenizer or writer accepts) with U+FFFD.
+    """Replace lone UTF-16 surrogates (which no UTF-8 encoder, tokenizer or writer accepts).
 
-    Untrusted text reaches the package as Python strings that may hold them (JSON `"\\ud800"`
-    escapes, `surrogateescape`-decoded file names): every input boundary calls this once.
+    Untrusted text reaches the package as Python strings that may hold them: JSON `"\\ud800"` escapes
+    become U+FFFD; the `surrogateescape` code points U+DC80–U+DCFF, which is how Python spells an
+    undecodable byte of a file name, become the byte's escape (`\\xff`), so two file names that differ
+    only in undecodable bytes stay two names (and two keys of a resumable output). Every input
+    boundary calls this once.
     """
-    return _SURROGATE.sub(REPLACEMENT_CHAR, text) if _SURROGATE.search(text) else text
+    return _SURROGATE.sub(_replace_surrogate, text) if _SURROGATE.search(text) else text
+
+
+def _replace_surrogate(m: re.Match) -> str:
+    code = ord(m.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else REPLACEMENT_CHAR
 
 
 @dataclass(frozen=True)

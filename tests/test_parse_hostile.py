@@ -450,16 +450,21 @@ def test_mixed_folder_under_a_4gb_address_space_limit_keeps_peak_rss_under_2gb(m
 
 def test_a_folder_tree_1500_levels_deep_is_walked_without_recursion(tmp_path):
     deep = tmp_path / "deep"
-    d = str(deep)
-    os.mkdir(d)
-    for _ in range(1500):  # os.makedirs itself recurses per level
-        d += "/d"
+    levels = [str(deep)]
+    for _ in range(1500):  # os.makedirs (and shutil.rmtree, pytest's clean-up) recurse per level
+        levels.append(levels[-1] + "/d")
+    for d in levels:
         os.mkdir(d)
-    d = Path(d)
-    (d / "letter.txt").write_text(demo_letter_text(6), encoding="utf-8")
-    found = iter_letter_files([deep])
-    assert found == [d / "letter.txt"]
-    (result,) = list(parse_many(found))
-    assert isinstance(result, Letter)
-    (empty,) = iter_letter_files([tmp_path / "deep" / "d"])  # named explicitly: one entry, the letter
-    assert empty.name == "letter.txt"
+    bottom = Path(levels[-1])
+    (bottom / "letter.txt").write_text(demo_letter_text(6), encoding="utf-8")
+    try:
+        found = iter_letter_files([deep])
+        assert found == [bottom / "letter.txt"]
+        (result,) = list(parse_many(found))
+        assert isinstance(result, Letter)
+        (named,) = iter_letter_files([deep / "d"])  # a subfolder named explicitly: one entry, the letter
+        assert named.name == "letter.txt"
+    finally:
+        (bottom / "letter.txt").unlink()
+        for d in reversed(levels):
+            os.rmdir(d)

@@ -249,7 +249,7 @@ def _item_table(path: Path, n: int, hostile: dict[int, dict]) -> None:
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_a_lone_surrogate_costs_nothing_but_itself(model_dir, tmp_path, fmt):
     """One `\\ud800` escape in one row of a 258-row table: every row is scored (as if the character were
-    U+FFFD), nothing becomes an error row, the outputs are valid UTF-8, and the run resumes."""
+    U+FFFD; a surrogateescape code point as its byte's escape), nothing becomes an error row, the outputs are valid UTF-8, and the run resumes."""
     hostile = {100: {"rationale": '"knee pain \\ud800 persists"'},
                200: {"request": '"Brace \\udc80"', "letter_id": '"L\\udfff200"'}}  # fmt: skip
     table = tmp_path / "hostile" / "items.jsonl"
@@ -258,7 +258,7 @@ def test_a_lone_surrogate_costs_nothing_but_itself(model_dir, tmp_path, fmt):
     assert "\\ud800" in table.read_text()
     clean = tmp_path / "clean" / "items.jsonl"  # the same table with U+FFFD written in
     clean.parent.mkdir()
-    _item_table(clean, 258, {i: {k: v.replace("\\ud800", "\\ufffd").replace("\\udc80", "\\ufffd").replace("\\udfff", "\\ufffd")
+    _item_table(clean, 258, {i: {k: v.replace("\\ud800", "\\ufffd").replace("\\udc80", "\\\\x80").replace("\\udfff", "\\ufffd")
                                  for k, v in row.items()} for i, row in hostile.items()})  # fmt: skip
     out = tmp_path / f"scores.{fmt}"
     summary = score([table], out, model=str(model_dir), batch_size=16, progress=False)
@@ -267,7 +267,7 @@ def test_a_lone_surrogate_costs_nothing_but_itself(model_dir, tmp_path, fmt):
         out.read_bytes().decode("utf-8")  # strict: no surrogate reached the writer
     df = _read(out)
     assert len(df) == 258 and df["error"].isna().all() and df["p_overturned"].notna().all()
-    assert df["request"].iloc[200] == "Brace \ufffd" and df["letter_id"].iloc[200] == "L\ufffd200"
+    assert df["request"].iloc[200] == "Brace \\x80" and df["letter_id"].iloc[200] == "L\ufffd200"
     want = _read(_scored(model_dir, [clean], tmp_path / f"clean.{fmt}"))
     exact = ["letter_id", "item_index", "request", "outcome", "guideline_labels", "warnings", "error"]
     assert df[exact].astype(str).values.tolist() == want[exact].astype(str).values.tolist()
@@ -289,7 +289,7 @@ def test_undecodable_bytes_and_surrogate_file_names(model_dir, tmp_path):
     summary = score([letters, table], out, model=str(model_dir), progress=False)
     assert summary.errors == 0 and summary.letters == 4
     text = out.read_bytes().decode("utf-8")
-    assert "odd-\ufffd-name" in text
+    assert "odd-\\\\xff-name" in text  # the byte's escape (JSON-escaped here): distinct names stay distinct
     again = score([letters, table], out, model=str(model_dir), progress=False)
     assert (again.letters, again.skipped) == (0, 4)
 
@@ -340,3 +340,18 @@ def test_a_lock_taken_by_the_caller(model_dir, letters_dir, tmp_path):
             score([first], out, model=str(model_dir), progress=False)
     assert not Path(f"{out}.lock").exists()
     assert score([first], out, model=str(model_dir), progress=False).skipped == 1
+
+
+def test_file_names_differing_only_in_undecodable_bytes_are_two_letters(model_dir, tmp_path):
+    letters = tmp_path / "in"
+    write_demo_letters(letters, 2, seed=4)
+    a, b = sorted(letters.glob("*.txt"))
+    a.rename(a.with_name(os.fsdecode(b"x\xff.txt")))
+    b.rename(b.with_name(os.fsdecode(b"x\xfe.txt")))
+    out = tmp_path / "o.jsonl"
+    summary = score([letters], out, model=str(model_dir), progress=False)
+    assert (summary.letters, summary.errors) == (2, 0)
+    sources = {json.loads(line)["source"] for line in out.read_text(encoding="utf-8").splitlines()}
+    assert len(sources) == 2
+    again = score([letters], out, model=str(model_dir), progress=False)
+    assert (again.letters, again.skipped) == (0, 2)
