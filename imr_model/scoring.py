@@ -24,6 +24,7 @@ second run on the same output fails at once with `OutputLockedError` and changes
 from __future__ import annotations
 
 import json
+import re
 import queue
 import threading
 import time
@@ -126,7 +127,7 @@ def score(
                              parquet_rows_per_part=checkpoint_rows, lock=lock)  # fmt: skip
         summary, start = ScoreSummary(), time.perf_counter()
         scans = {t: scan_table(t) for t in tables}
-        total = len(letter_paths) + sum(n for n, _ in scans.values())
+        total = len(letter_paths) + sum(scan[0] for scan in scans.values())
         with progress_bar("scoring", total=total, unit="letters", disable=not progress) as bar:
             def skipped() -> None:
                 summary.skipped += 1
@@ -209,7 +210,12 @@ def split_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
     return (iter_letter_files(others) if others else []), tables
 
 
-TableScan = tuple[int, frozenset]  # (letters in the table, letter_ids whose rows are not contiguous)
+# (letters in the table, letter_ids whose rows are not contiguous, why the table cannot be read or None)
+TableScan = tuple[int, frozenset, "str | None"]
+
+
+class TableReadError(ValueError):
+    """A table that cannot be read to its end; the message names the table and the row, never a cell's value."""
 
 
 def iter_units(
@@ -233,8 +239,7 @@ def iter_units(
     for result in parse_many(todo):
         yield _letter_unit(result)
     for table in tables:
-        scan = (scans or {}).get(table)
-        for unit in iter_table_units(table, split=None if scan is None else scan[1]):
+        for unit in iter_table_units(table, scan=(scans or {}).get(table)):
             if unit.key in skip:
                 on_skip and on_skip()
             else:
@@ -259,48 +264,69 @@ def _clean(value):
 
 
 def scan_table(path: Path) -> TableScan:
-    """(number of letters, letter_ids whose rows are split up) of a table: one streamed pass."""
+    """(number of letters, letter_ids whose rows are split up, read problem) of a table: one streamed pass.
+
+    A table that cannot be read to its end (bad JSON line, bad cell, I/O error) is one letter: its error
+    unit. A table with no rows is one letter too ("table has no rows").
+    """
     runs: dict[str, int] = {}
-    for letter_id, _, _ in _table_groups(path):
-        runs[letter_id] = runs.get(letter_id, 0) + 1
-    return len(runs), frozenset(i for i, n in runs.items() if n > 1)
+    try:
+        for letter_id, _, _ in _table_groups(path):
+            runs[letter_id] = runs.get(letter_id, 0) + 1
+    except TableReadError as exc:
+        return 1, frozenset(), str(exc)
+    if not runs:
+        return 1, frozenset(), "table has no rows"
+    return len(runs), frozenset(i for i, n in runs.items() if n > 1), None
 
 
-def iter_table_units(path: Path, chunk_rows: int = 1024, *, split: frozenset | None = None) -> Iterator[Unit]:
+def iter_table_units(path: Path, chunk_rows: int = 1024, *, scan: TableScan | None = None) -> Iterator[Unit]:
     """One unit per letter of the table, in order of first appearance; rows are read in chunks of `chunk_rows`.
 
     Contiguous rows with the same `letter_id` form one letter. Columns are matched like training tables
     (`tabular.records_from_table`: loose names, a `text` column as the rationale, DMHC tables);
-    `imr parse` error records become error rows. A letter whose rows are not contiguous (`split`, from
-    `scan_table`; computed by a first pass when not given) becomes one error unit where its rows
-    start, so no letter is ever scored twice or half.
+    `imr parse` error records become error rows. A letter whose rows are not contiguous becomes one
+    error unit where its rows start, so no letter is ever scored twice or half. A table that cannot be
+    read to its end, or has no rows, is one error unit named after the table and nothing of it is
+    scored (`scan`, from `scan_table`, computed by a first pass when not given): scoring the rows before
+    a bad line would leave its letter half-done for every rerun.
     """
-    if split is None:
-        split = scan_table(path)[1]
-    source = str(path)
+    scan = scan_table(path) if scan is None else scan
+    source, stem = str(path), clean_text(path.stem)
+    if scan[2] is not None:
+        yield Unit(source, stem, [], error=f"{scan[2]}; nothing from this table was scored: fix it and rerun")
+        return
+    split = scan[1]
     reported: set[str] = set()
-    for letter_id, records, error in _table_groups(path, chunk_rows):
-        if letter_id in split:
-            if letter_id not in reported:
-                reported.add(letter_id)
-                yield Unit(source, letter_id, [], error="rows of this letter_id are not contiguous in the table; "
-                                                        "group each letter's rows together")  # fmt: skip
-            continue
-        yield Unit(source, letter_id, [] if error else records, error=error)
+    try:
+        for letter_id, records, error in _table_groups(path, chunk_rows):
+            if letter_id in split:
+                if letter_id not in reported:
+                    reported.add(letter_id)
+                    yield Unit(source, letter_id, [], error="rows of this letter_id are not contiguous in the table; "
+                                                            "group each letter's rows together")  # fmt: skip
+                continue
+            yield Unit(source, letter_id, [] if error else records, error=error)
+    except TableReadError as exc:  # changed since it was scanned: the unfinished letter is never yielded
+        yield Unit(source, stem, [], error=f"{exc}; the rest of this table was not scored: fix it and rerun")
 
 
 def _table_groups(path: Path, chunk_rows: int = 1024) -> Iterator[tuple[str, list[dict], str | None]]:
     """(letter_id, records, error) per contiguous block of rows with the same letter_id, in order.
 
-    An unreadable table ends with one block (the table's stem, [], "cannot read table: ...") naming
-    the table, never its content.
+    Raises `TableReadError` (naming the table and the rows, never a cell's value) where the table stops
+    being readable; the letter being collected then is not yielded.
     """
     source, stem = str(path), clean_text(path.stem)
     current: tuple[str, list[dict], str | None] | None = None
     offset = 0
     try:
         for rows in _row_chunks(path, chunk_rows):
-            for letter_id, record, error in _table_records(rows, source, stem, offset):
+            try:
+                block = list(_table_records(rows, source, stem, offset))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise TableReadError(f"cannot read table rows {offset + 1}-{offset + len(rows)}: {_no_values(exc)}") from None
+            for letter_id, record, error in block:
                 if current is not None and letter_id != current[0]:
                     yield current
                     current = None
@@ -311,13 +337,22 @@ def _table_groups(path: Path, chunk_rows: int = 1024) -> Iterator[tuple[str, lis
                 elif record is not None and not current[2]:
                     current[1].append(record)
             offset += len(rows)
-    except (ValueError, OSError) as exc:  # unreadable table: one error row naming it, never its content
-        if current is not None:
-            yield current
-        yield stem, [], f"cannot read table: {exc}"
-        return
+    except TableReadError:
+        raise
+    except (ValueError, OSError) as exc:
+        raise TableReadError(f"cannot read table after row {offset}: {_no_values(exc)}") from None
     if current is not None:
         yield current
+
+
+# Quoted cell values inside library messages ("unrecognised label 'Patient ...'", "invalid literal for int()
+# with base 10: '...'"): error rows name the table, row and column, never what a cell holds.
+_QUOTED_VALUE = re.compile(r"""(label|base \d+:|value|literal)\s*(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
+def _no_values(exc: Exception) -> str:
+    text = clean_text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    return _QUOTED_VALUE.sub(r"\1 <value withheld>", text)[:300]
 
 
 def _table_records(rows: list[dict], source: str, stem: str, offset: int) -> Iterator[tuple[str, dict | None, str | None]]:

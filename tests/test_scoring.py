@@ -355,3 +355,32 @@ def test_file_names_differing_only_in_undecodable_bytes_are_two_letters(model_di
     assert len(sources) == 2
     again = score([letters], out, model=str(model_dir), progress=False)
     assert (again.letters, again.skipped) == (0, 2)
+
+
+def test_a_table_broken_part_way_is_one_error_row_and_nothing_half_scored(model_dir, tmp_path):
+    """A bad line after 1,499 good rows: no letter is scored from a table that cannot be read to its end
+    (a half-scored letter would stay half-done for every rerun), and the error names no cell value."""
+    table = tmp_path / "items.jsonl"
+    lines = [json.dumps({"letter_id": f"L{i // 11}", "item_index": i % 11 + 1, "rationale": "Physical therapy x6."})
+             for i in range(1499)]  # fmt: skip
+    table.write_text("\n".join(lines + ["{not json", json.dumps({"letter_id": "Z", "rationale": "x"})]) + "\n")
+    out = tmp_path / "o.jsonl"
+    summary = score([table], out, model=str(model_dir), progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (summary.letters, summary.errors, len(rows)) == (0, 1, 1)
+    assert "line 1500 is not JSON" in rows[0]["error"] and "nothing from this table was scored" in rows[0]["error"]
+    bad_cell = tmp_path / "cells.csv"
+    bad_cell.write_text("letter_id,item_index,rationale\nA,1,ok\nB,Patient John Doe 1234,ok\n")
+    summary = score([bad_cell], tmp_path / "o2.jsonl", model=str(model_dir), progress=False)
+    (row,) = [json.loads(line) for line in (tmp_path / "o2.jsonl").read_text().splitlines()]
+    assert summary.errors == 1 and "John" not in row["error"] and "rows 1-2" in row["error"]
+
+
+@pytest.mark.parametrize("content", ["", "letter_id,rationale\n", "\n\n"])
+def test_an_empty_table_is_one_error_row(model_dir, tmp_path, content):
+    table = tmp_path / ("t.jsonl" if content.startswith("\n") else "t.csv")
+    table.write_text(content)
+    out = tmp_path / "o.jsonl"
+    summary = score([table], out, model=str(model_dir), progress=False)
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary.errors == 1 and "table has no rows" in row["error"]
