@@ -24,6 +24,7 @@ second run on the same output fails at once with `OutputLockedError` and changes
 from __future__ import annotations
 
 import json
+import logging
 import re
 import queue
 import threading
@@ -39,6 +40,7 @@ from imr_model.letters import iter_letter_files, parse_many
 from imr_model.score_output import OutputLock, lock_output, open_writer, output_format, row_key
 from imr_model.types import Letter, LetterError, clean_text
 
+logger = logging.getLogger(__name__)
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 TEXT_COLUMNS = ("request", "rationale", "case_summary", "text")
 _PREFETCH = 64  # parsed letters waiting for the model; bounds memory
@@ -135,8 +137,8 @@ def score(
 
             units = _prefetch(iter_units(letter_paths, tables, skip=writer.done, on_skip=skipped, scans=scans))
             for chunk in chunked(units, chunk_items):
-                rows = score_units(predictor, chunk, attributions=attributions, target=target, n_steps=n_steps,
-                                   batch_size=batch_size)  # fmt: skip
+                chunk, rows = _score_chunk(predictor, chunk, attributions=attributions, target=target,
+                                           n_steps=n_steps, batch_size=batch_size)  # fmt: skip
                 writer.write([u.key for u in chunk], rows)
                 summary.letters += sum(1 for u in chunk if u.error is None)
                 summary.errors += sum(1 for u in chunk if u.error is not None)
@@ -152,6 +154,26 @@ def score(
             lock.release()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _score_chunk(predictor, chunk: list[Unit], **kwargs) -> tuple[list[Unit], list[dict]]:
+    """`score_units` on a chunk; if it fails, each letter alone, and a letter that still fails becomes an
+    error row naming the exception type (never its message, which may quote text). Chunks are formed
+    deterministically, so without this one failing letter would stop every rerun at the same place."""
+    try:
+        return chunk, score_units(predictor, chunk, **kwargs)
+    except Exception:  # noqa: BLE001 - isolate the letter that fails
+        pass
+    units, rows = [], []
+    for unit in chunk:
+        try:
+            rows += score_units(predictor, [unit], **kwargs)
+        except Exception as exc:  # noqa: BLE001 - one letter never ends the batch
+            logger.warning("prediction failed for %s (%s)", unit.source, type(exc).__name__)
+            unit = Unit(unit.source, unit.letter_id, [], error=f"prediction failed ({type(exc).__name__})")
+            rows += score_units(predictor, [unit], **kwargs)
+        units.append(unit)
+    return units, rows
 
 
 def score_units(predictor, units: list[Unit], **kwargs) -> list[dict]:

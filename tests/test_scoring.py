@@ -384,3 +384,26 @@ def test_an_empty_table_is_one_error_row(model_dir, tmp_path, content):
     summary = score([table], out, model=str(model_dir), progress=False)
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary.errors == 1 and "table has no rows" in row["error"]
+
+
+def test_a_letter_whose_prediction_fails_is_one_error_row_and_the_batch_goes_on(model_dir, tmp_path, monkeypatch):
+    from imr_model.inference import Predictor, load_model
+
+    letters = tmp_path / "in"
+    write_demo_letters(letters, 6, seed=8)
+    victim = sorted(letters.glob("*.txt"))[2]
+    real = Predictor.predict_records
+
+    def flaky(self, records, **kwargs):
+        if any(str(r.get("source")) == str(victim) for r in records):
+            raise RuntimeError("tokenizer blew up on: <letter text>")
+        return real(self, records, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict_records", flaky)
+    out = tmp_path / "o.jsonl"
+    summary = score([letters], out, model=load_model(str(model_dir)), progress=False)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (summary.letters, summary.errors) == (5, 1)
+    (bad,) = [r for r in rows if r["error"]]
+    assert bad["source"] == str(victim) and bad["error"] == "prediction failed (RuntimeError)"
+    assert {r["source"] for r in rows} == {str(p) for p in letters.glob("*.txt")}
