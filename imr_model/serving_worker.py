@@ -31,8 +31,7 @@ import imr_model.modeling
 import imr_model.tracking
 import imr_model.views  # noqa: F401
 from imr_model.inference import Predictor, load_model, text_records
-from imr_model.letters import parse_text
-from imr_model.textsource import read_letter_text
+from imr_model.letters import parse_many
 from imr_model.types import LetterError
 
 try:  # the encoder class the shipped backbones use; transformers imports it lazily otherwise
@@ -78,11 +77,11 @@ def _pdf_records(b64: str, letter_id: str | None, tmpdir: str) -> list[dict]:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        try:
-            text = read_letter_text(Path(name))
-            letter = parse_text(text, source="<upload>", letter_id=letter_id or "upload")
-        except LetterError as exc:
-            raise LetterError("upload.pdf", exc.reason) from None
+        # In a parse worker under the parse budget (RLIMIT_AS, time): a 1 MB flate bomb inflating to GBs
+        # costs one 422, not this model worker (which has no memory limit of its own).
+        (letter,) = parse_many([Path(name)])
+        if isinstance(letter, LetterError):
+            raise LetterError("upload.pdf", letter.reason)
     finally:
         try:
             os.unlink(name)
@@ -90,7 +89,7 @@ def _pdf_records(b64: str, letter_id: str | None, tmpdir: str) -> list[dict]:
             pass
     records = letter.item_records()
     for r in records:
-        r["source"] = "<upload>"
+        r["source"], r["letter_id"] = "<upload>", letter_id or "upload"
     return records
 
 

@@ -91,6 +91,20 @@ def test_predict_pdf_base64_and_multipart(client, model_dir, letters):
     assert t.status_code == 200 and len(t.json()["items"]) >= 1
 
 
+def test_a_pdf_bomb_upload_is_one_422_and_the_worker_lives_on(model_dir, letters):
+    """A ~1 MB PDF whose content stream inflates to 1 GB is parsed under the parse budget (RLIMIT_AS), not
+    in the model worker: the request gets 422 naming the memory limit, and the next request works."""
+    from tests.hostile_files import flate_bomb, raw_pdf
+
+    bomb = raw_pdf(flate_bomb(1024))
+    assert len(bomb) < 2 * 2**20  # within the default 5 MB body limit as base64
+    with TestClient(create_app(str(model_dir), workers=1)) as c:  # the default body limit
+        r = c.post("/predict", json={"pdf_base64": base64.b64encode(bomb).decode()})
+        assert r.status_code == 422 and "memory limit" in r.text, r.text
+        ok = c.post("/predict", files={"file": ("l.txt", letters["txt"].read_bytes(), "text/plain")})
+        assert ok.status_code == 200 and ok.json()["items"]
+
+
 @pytest.mark.parametrize(
     "payload, fragment",
     [
