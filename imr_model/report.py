@@ -39,6 +39,7 @@ th,td{border-bottom:1px solid #eceef2;padding:4px 10px;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .legend span{display:inline-block;padding:1px 8px;margin-right:6px;border-radius:3px;font-size:12px}
 .note{font-size:12px;color:#6b7385}
+.warning{margin:.4em 0;padding:.3em .6em;border-left:4px solid #c77700;background:#fff6e5;font-size:13px}
 """
 
 
@@ -101,13 +102,16 @@ def _item_section(item: dict, top_k: int) -> str:
         for name, prob in ranked[: max(len(labels), 6)]
     )
     attr = item.get("attributions")
+    warnings = item.get("warnings") or []
+    warning_html = "".join(f'<p class="warning">&#9888; {_e(w)}</p>' for w in warnings)
     return (
         f'<section class="item" id="item-{int(item["item_index"])}">'
         f'<h2>Item {int(item["item_index"])}: {_e(item.get("request") or "(no request title)")}</h2>'
         f'<div><span class="badge {_e(outcome)}">{_e(outcome)}</span>'
         f'<span class="prob" title="P(Overturned)"><span style="width:{p * 100:.1f}%"></span></span>'
         f"P(Overturned) = <b>{p:.3f}</b>{stated_html}</div>"
-        f'<div class="meta">Predicted guideline labels: {_e(", ".join(sorted(labels)) or "none")}</div>'
+        + warning_html
+        + f'<div class="meta">Predicted guideline labels: {_e(", ".join(sorted(labels)) or "none")}</div>'
         f'<div class="meta">{chips}</div>'
         + (_attribution_html(attr, top_k) if attr else '<p class="note">No attributions were computed.</p>')
         + "</section>"

@@ -138,3 +138,11 @@ def test_report_renders_in_headless_chromium(explained):
 
     pixels = mpimg.imread(str(shot))
     assert pixels.shape[0] > 500 and pixels[..., :3].std() > 0.05  # not a blank page
+
+
+def test_input_warnings_are_shown_escaped():
+    item = _item()
+    item["warnings"] = ["structure: not a parsed IMR letter <b>", "length: 3 words"]
+    html = render_report([item, _item(2)], letter_id="L")
+    assert html.count('<p class="warning">') == 2
+    assert "structure: not a parsed IMR letter &lt;b&gt;" in html and "length: 3 words" in html
