@@ -346,7 +346,7 @@ def as_records(x: Letter | str | os.PathLike | dict) -> list[dict]:
 
 def _records_many(inputs: Sequence) -> list[list[dict]]:
     """`as_records` for each input; the files among them are parsed together, in isolated workers."""
-    paths = {i: Path(x) for i, x in enumerate(inputs) if _is_path_input(x)}
+    paths = {i: Path(x.strip() if isinstance(x, str) else x) for i, x in enumerate(inputs) if _is_path_input(x)}
     parsed = dict(zip(paths, parse_many(list(paths.values())))) if paths else {}
     out = []
     for i, x in enumerate(inputs):

@@ -67,6 +67,8 @@ class IMRPyfuncModel(PythonModel):
             model_input = pd.DataFrame(model_input)
         clf = self.classifier
         batch_size = int((params or {}).get("batch_size", 32))
+        if not 1 <= batch_size <= 4096:
+            raise ValueError(f"params.batch_size must be in 1..4096, got {batch_size}")
         inputs = _frame_inputs(model_input, clf.config.text_view, clf.config.context_view)
         texts, records = [t for t, _ in inputs], [r for _, r in inputs]
         if (params or {}).get("parsed_letters"):  # the caller built these rows from parsed letters (the Spark engine)

@@ -51,20 +51,24 @@ def get_spark(master: str = "local[2]", app_name: str = "imr-score"):
 
 
 def as_pyfunc_uri(model: str | Path | None, workdir: str | Path) -> str:
-    """An MLflow model URI for `model`: MLflow URIs and MLmodel folders as is, model directories wrapped."""
-    from imr_model.inference import resolve_model_uri
-    from imr_model.tracking import resolve_model_dir
+    """A local pyfunc for `model` (a model directory, an MLflow URI or a logged pyfunc folder), wrapped with
+    this installed package's `pyfunc_model.py`.
 
-    uri = resolve_model_uri(model)
-    path = Path(uri)
-    if not path.exists() or (path / "MLmodel").is_file():
-        return uri
+    The IMR model directory is taken out of whatever `model` names (`tracking.resolve_model_dir`) and
+    checked like any model directory; a logged model's own python_model file (code stored with the
+    artifact) is never run, so a tampered artifact runs nothing.
+    """
     import mlflow
 
     import imr_model.pyfunc_model as code
+    from imr_model.inference import resolve_model_uri
+    from imr_model.modeling import IMRClassifier
+    from imr_model.tracking import resolve_model_dir
 
+    model_dir = resolve_model_dir(resolve_model_uri(model), Path(workdir) / "download")
+    IMRClassifier.from_pretrained(model_dir)  # digests, required files, calibration: fail here, not on executors
     target = Path(workdir) / "pyfunc"
-    mlflow.pyfunc.save_model(str(target), python_model=code.__file__, artifacts={MODEL_DIR_ARTIFACT: str(resolve_model_dir(path))})
+    mlflow.pyfunc.save_model(str(target), python_model=code.__file__, artifacts={MODEL_DIR_ARTIFACT: str(model_dir)})
     return str(target)
 
 
@@ -134,8 +138,10 @@ def _score_files_locked(inputs, output, model_uri, batch_size, spark, lock):
     from imr_model.scoring import ScoreSummary, Unit, error_row
 
     with tempfile.TemporaryDirectory(prefix="imr-spark-") as tmp:
+        from imr_model.inference import resolve_model_uri
+
         uri = as_pyfunc_uri(model_uri, tmp)
-        writer = open_writer(output, with_attributions=False, run_info={"model": f"spark|{uri if '://' in uri else 'local'}"},
+        writer = open_writer(output, with_attributions=False, run_info={"model": f"spark|{resolve_model_uri(model_uri)}"},
                              lock=lock)  # fmt: skip
         paths = [str(p) for p in iter_letter_files([str(x) for x in inputs])]
         todo = [(i, p) for i, p in enumerate(paths) if Unit(p, Path(p).stem, []).key not in writer.done]
