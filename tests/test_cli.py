@@ -30,6 +30,16 @@ def _fresh_models(monkeypatch):
     clear_cache()
     yield
     clear_cache()
+    _forget_mlflow_uris()
+
+
+def _forget_mlflow_uris() -> None:
+    """The CLI points MLflow at $MLFLOW_TRACKING_URI process-wide (`tracking.configure`); later tests set their own."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    tracking_utils._tracking_uri = None
+    registry_utils._registry_uri = None
 
 
 def _no_traceback(result) -> None:
