@@ -24,8 +24,8 @@ How it works (kept deliberately small):
 Failure reasons (the strings given to `on_failure`):
 
 * ``exceeded the 60 s parse time limit``
-* ``exceeded the 1536 MB memory limit`` (a `MemoryError`, or a death by signal once the worker's
-  peak resident memory had reached `MEMORY_DEATH_FRACTION` of the limit: PDFium aborts when an
+* ``exceeded the 1536 MB memory limit`` (a `MemoryError`, or a death by signal once the item had
+  grown the worker's peak resident memory by `MEMORY_DEATH_FRACTION` of the limit: PDFium aborts when an
   allocation fails)
 * ``parser process crashed (signal 11, SIGSEGV)``
 * ``parser process exited unexpectedly (exit code 3)``
@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 DEFAULT_TIME_LIMIT = 60.0  # s of wall clock per item; a real letter parses in ~5 ms
 DEFAULT_MEMORY_LIMIT = 1536 * 2**20  # bytes of address space per worker; a real letter needs < 100 MB
-MEMORY_DEATH_FRACTION = 0.4  # a worker killed by a signal with peak RSS ≥ this × limit ran out of memory
+MEMORY_DEATH_FRACTION = 0.4  # a worker killed by a signal after its items grew its peak RSS by ≥ this × limit ran out of memory
 START_TIMEOUT = 60.0  # s for a worker to import its target and report ready
 _HEADER = struct.Struct("!Q")
 _END = object()
@@ -171,6 +171,7 @@ def _handle_message(w: _Worker, pool: list, done: dict, on_failure, memory_limit
             pool.remove(w)
             raise WorkerStartError(f"parse worker could not start: {msg[1]}")
         w.state, w.deadline = "idle", None
+        w.start_rss = msg[2] if len(msg) > 2 else 0
         return
     seq, status, value = msg
     _, item = w.task
@@ -216,6 +217,7 @@ class _Worker:
         self.task: tuple[int, Any] | None = None
         self.status: int | None = None  # wait status once reaped
         self.peak_rss: int | None = None  # bytes, once reaped
+        self.start_rss = 0  # bytes of resident memory once its imports were done (its "ready" message)
 
     def send(self, seq: int, item: Any, time_limit: float | None) -> bool:
         data = pickle.dumps((seq, item), protocol=pickle.HIGHEST_PROTOCOL)
@@ -241,7 +243,8 @@ class _Worker:
         status = self.status or 0
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
-            if memory_limit and self.peak_rss is not None and self.peak_rss >= MEMORY_DEATH_FRACTION * memory_limit:
+            grown = None if self.peak_rss is None else self.peak_rss - self.start_rss  # what the items allocated
+            if memory_limit and grown is not None and grown >= MEMORY_DEATH_FRACTION * memory_limit:
                 return f"{_memory_reason(memory_limit)} (parser process killed by signal {sig}, {_signame(sig)})"
             return f"parser process crashed (signal {sig}, {_signame(sig)})"
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
@@ -334,7 +337,10 @@ def _worker_main(config_json: str) -> None:
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
         _send(out_fd, ("failed", f"{type(exc).__name__}: {exc}"))
         return
-    _send(out_fd, ("ready", os.getpid()))
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    _send(out_fd, ("ready", os.getpid(), rss))
     time_limit = config.get("time_limit")
     while True:
         head = _read_exact(0, _HEADER.size)
