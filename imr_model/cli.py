@@ -166,8 +166,10 @@ def _fail(exc: BaseException, uri: str | None = None) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
+    """The message on one line: its lines joined (a config error lists every bad key on lines of its own)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    text = " ".join(lines) if lines else type(exc).__name__
+    return text if len(text) <= 2000 else text[:2000] + " …"
 
 
 def _is_mlflow_error(exc: BaseException) -> bool:

@@ -32,13 +32,25 @@ def tracking_uri(configured: str | None = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+_REGISTRY_SET_HERE: set[str] = set()  # registry URIs configure() chose (MLflow copies each into the environment)
+
+
 def configure(configured: str | None = None) -> str:
-    """Point MLflow (tracking and registry) at the resolved URI and return it."""
+    """Point MLflow (tracking and registry) at the resolved URI and return it.
+
+    The registry follows the tracking URI unless the user set $MLFLOW_REGISTRY_URI. `mlflow.set_registry_uri`
+    writes that variable itself, so a value this function put there is not mistaken for the user's: a
+    second configure() with another tracking URI must not keep the first one's registry.
+    """
     import mlflow
 
     uri = tracking_uri(configured)
+    env = os.environ.get("MLFLOW_REGISTRY_URI")
+    registry = env if env and env not in _REGISTRY_SET_HERE else uri
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    mlflow.set_registry_uri(registry)
+    if registry != env:
+        _REGISTRY_SET_HERE.add(registry)
     return uri
 
 

@@ -106,3 +106,21 @@ def test_local_dataset_source_resolves_without_mlflows_ambiguity_warning(tmp_pat
         src = _dataset_source(str(tmp_path))
     assert type(src).__name__ == "LocalArtifactDatasetSource"
     assert not [w for w in caught if "multiple ways" in str(w.message)]
+
+
+def test_configure_twice_follows_the_second_tracking_uri(tmp_path, monkeypatch):
+    """mlflow.set_registry_uri copies the URI into $MLFLOW_REGISTRY_URI; a later configure() must not read
+    that back as the user's setting and keep the first store's registry."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    a, b = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    try:
+        tracking.configure(a)
+        tracking.configure(b)
+        assert mlflow.get_registry_uri() == b
+        monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'user.db'}")  # the user's own
+        tracking.configure(a)
+        assert mlflow.get_registry_uri() == f"sqlite:///{tmp_path / 'user.db'}"
+    finally:
+        monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
