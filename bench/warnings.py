@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         findings = [str(f) for f in pd.read_csv(args.dmhc)["Findings"].dropna()]
         sets["DMHC Findings as bare texts"] = predict_batch(findings, model=predictor)
-    demo = [letter for letter in generate_letters(60, seed=99)]
+    demo = [letter.text for letter in generate_letters(60, seed=99)]  # parsed from their text, like a user's letters
     sets["synthetic demo letters"] = predict_batch(demo, model=predictor)
     sets["junk texts"] = predict_batch(JUNK, model=predictor)
     probs = [p.p_overturned for group in sets.values() for g in group for p in g]
