@@ -24,8 +24,8 @@ How it works (kept deliberately small):
 Failure reasons (the strings given to `on_failure`):
 
 * ``exceeded the 60 s parse time limit``
-* ``exceeded the 1536 MB memory limit`` (a `MemoryError`, or a death by signal once the item had
-  grown the worker's peak resident memory by `MEMORY_DEATH_FRACTION` of the limit: PDFium aborts when an
+* ``exceeded the 1536 MB memory limit`` (a `MemoryError`, or a death by signal once the worker's
+  sampled peak resident memory (VmHWM) had reached `MEMORY_DEATH_FRACTION` of the limit: PDFium aborts when an
   allocation fails)
 * ``parser process crashed (signal 11, SIGSEGV)``
 * ``parser process exited unexpectedly (exit code 3)``
@@ -49,8 +49,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 DEFAULT_TIME_LIMIT = 60.0  # s of wall clock per item; a real letter parses in ~5 ms
 DEFAULT_MEMORY_LIMIT = 1536 * 2**20  # bytes of address space per worker; a real letter needs < 100 MB
-MEMORY_DEATH_FRACTION = 0.4  # a worker killed by a signal after its items grew its peak RSS by ≥ this × limit ran out of memory
+MEMORY_DEATH_FRACTION = 0.4  # a worker killed by a signal with sampled peak RSS ≥ this × limit ran out of memory
 START_TIMEOUT = 60.0  # s for a worker to import its target and report ready
+HWM_SAMPLE_S = 0.05  # s between samples of a busy worker's peak memory (a real letter is done in ~5 ms)
 _HEADER = struct.Struct("!Q")
 _END = object()
 _BOOT = (
@@ -135,7 +136,13 @@ def _run(target, items, on_failure, n_workers, time_limit, memory_limit, window)
                 continue  # results to yield, or a new worker to start
             deadlines = [w.deadline for w in active if w.deadline is not None]
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            if memory_limit and any(w.state == "busy" for w in active):
+                timeout = HWM_SAMPLE_S if timeout is None else min(timeout, HWM_SAMPLE_S)
             readable, _, _ = select.select([w.rfd for w in active], [], [], timeout)
+            if memory_limit:
+                for w in active:
+                    if w.state == "busy":
+                        w.sample_memory()
             for w in active:
                 if w.rfd in readable:
                     _handle_message(w, pool, done, on_failure, memory_limit)
@@ -171,7 +178,6 @@ def _handle_message(w: _Worker, pool: list, done: dict, on_failure, memory_limit
             pool.remove(w)
             raise WorkerStartError(f"parse worker could not start: {msg[1]}")
         w.state, w.deadline = "idle", None
-        w.start_rss = msg[2] if len(msg) > 2 else 0
         return
     seq, status, value = msg
     _, item = w.task
@@ -217,7 +223,9 @@ class _Worker:
         self.task: tuple[int, Any] | None = None
         self.status: int | None = None  # wait status once reaped
         self.peak_rss: int | None = None  # bytes, once reaped
-        self.start_rss = 0  # bytes of resident memory once its imports were done (its "ready" message)
+        # Peak resident memory of the worker's own address space (VmHWM), sampled while it works on an item.
+        # Not wait4's ru_maxrss: Linux carries that across fork + exec, so it counts the parent's memory.
+        self.sampled_hwm: int | None = None
 
     def send(self, seq: int, item: Any, time_limit: float | None) -> bool:
         data = pickle.dumps((seq, item), protocol=pickle.HIGHEST_PROTOCOL)
@@ -243,12 +251,23 @@ class _Worker:
         status = self.status or 0
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
-            grown = None if self.peak_rss is None else self.peak_rss - self.start_rss  # what the items allocated
-            if memory_limit and grown is not None and grown >= MEMORY_DEATH_FRACTION * memory_limit:
+            if memory_limit and self.sampled_hwm is not None and self.sampled_hwm >= MEMORY_DEATH_FRACTION * memory_limit:
                 return f"{_memory_reason(memory_limit)} (parser process killed by signal {sig}, {_signame(sig)})"
             return f"parser process crashed (signal {sig}, {_signame(sig)})"
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
         return f"parser process exited unexpectedly (exit code {code})"
+
+    def sample_memory(self) -> None:
+        """Record the worker's VmHWM (Linux /proc); a no-op where /proc is absent."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"VmHWM:"):
+                        hwm = int(line.split()[1]) * 1024  # kB
+                        self.sampled_hwm = max(self.sampled_hwm or 0, hwm)
+                        return
+        except (OSError, ValueError, IndexError):
+            return
 
     def kill(self) -> None:
         """SIGKILL the process (if still running), reap it and close the pipes."""
@@ -337,10 +356,7 @@ def _worker_main(config_json: str) -> None:
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
         _send(out_fd, ("failed", f"{type(exc).__name__}: {exc}"))
         return
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    _send(out_fd, ("ready", os.getpid(), rss))
+    _send(out_fd, ("ready", os.getpid()))
     time_limit = config.get("time_limit")
     while True:
         head = _read_exact(0, _HEADER.size)
