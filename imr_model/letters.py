@@ -283,6 +283,24 @@ def _parse_one(path: Path) -> Letter | LetterError:
         return LetterError(str(path), f"unexpected {type(exc).__name__} while parsing")
 
 
+def _parse_one_json(path: str) -> dict:
+    """Worker side of `parse_many`: `_parse_one` as a JSON value (the parent never unpickles worker output)."""
+    result = _parse_one(Path(path))
+    if isinstance(result, LetterError):
+        return {"error": [str(result.source), str(result.reason)]}
+    return {"letter": result.to_dict()}
+
+
+def _from_json(value: dict) -> Letter | LetterError:
+    """Parent side: a `Letter` or `LetterError` back from `_parse_one_json`'s value."""
+    if "error" in value:
+        source, reason = value["error"]
+        return LetterError(source, reason)
+    d = dict(value["letter"])
+    items = tuple(Item(**item) for item in d.pop("items"))
+    return Letter(**{**d, "items": items, "warnings": tuple(d.get("warnings") or ())})
+
+
 def parse_many(
     paths: Iterable[str | Path],
     *,
@@ -313,14 +331,16 @@ def parse_many(
             except MemoryError:
                 yield LetterError(str(p), "ran out of memory while parsing")
         return
-    yield from parse_pool.run_isolated(
-        "imr_model.letters:_parse_one",
+    results = parse_pool.run_isolated(
+        "imr_model.letters:_parse_one_json",
         (str(p) for p in paths),
-        lambda p, reason: LetterError(p, reason),
+        lambda p, reason: {"error": [p, reason]},
         workers=workers,
         time_limit=time_limit,
         memory_limit=memory_limit,
     )
+    for value in results:
+        yield _from_json(value)
 
 
 # --------------------------------------------------------------------------- header / summary

@@ -13,7 +13,7 @@ How it works (kept deliberately small):
   from the parent, so a parent with torch loaded or threads running is safe.
 * A worker imports the target function once, sets ``RLIMIT_AS`` (address space) to
   `memory_limit`, says it is ready, then handles one item at a time: the parent writes a
-  length-prefixed pickle ``(seq, item)`` to its stdin and reads ``(seq, status, value)`` back from
+  length-prefixed JSON ``[seq, item]`` to its stdin and reads ``(seq, status, value)`` back from
   a private pipe (the worker's own stdout goes to stderr, so library prints cannot corrupt it).
 * The parent keeps at most one item in flight per worker, with a wall-clock deadline. At the
   deadline it SIGKILLs the worker; a worker that dies (signal, abort, exit) is reaped with
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import select
 import signal
 import struct
@@ -80,7 +79,8 @@ def run_isolated(
     """Yield ``fn(item)`` for each item, in input order, computing each in a worker process.
 
     `target` names the function as ``"package.module:function"`` (importable by a fresh interpreter
-    with this process's `sys.path`); items and results must pickle. `workers` processes run at once
+    with this process's `sys.path`); items and results must be JSON values (never pickle: the parent
+    must not unpickle what a worker that read a hostile file sends). `workers` processes run at once
     (0 = one per core); `time_limit` (seconds) and `memory_limit` (bytes of address space) bound
     each item, None for no bound. An item whose worker is killed or dies yields
     ``on_failure(item, reason)`` instead. Raises `WorkerStartError` when a worker cannot start.
@@ -228,7 +228,7 @@ class _Worker:
         self.sampled_hwm: int | None = None
 
     def send(self, seq: int, item: Any, time_limit: float | None) -> bool:
-        data = pickle.dumps((seq, item), protocol=pickle.HIGHEST_PROTOCOL)
+        data = json.dumps([seq, item]).encode("utf-8")
         try:
             _write_all(self.wfd, _HEADER.pack(len(data)) + data)
         except OSError:
@@ -245,7 +245,11 @@ class _Worker:
         if body is None:
             self.kill()
             return None
-        return pickle.loads(body)
+        try:
+            return tuple(json.loads(body))  # JSON, not pickle: unpickling a compromised worker's bytes runs code
+        except (ValueError, TypeError):
+            self.kill()  # not our protocol: treat the worker as dead
+            return None
 
     def death_reason(self, memory_limit: int | None) -> str:
         status = self.status or 0
@@ -363,25 +367,25 @@ def _worker_main(config_json: str) -> None:
         body = _read_exact(0, _HEADER.unpack(head)[0]) if head is not None else None
         if body is None:
             return  # the parent closed our stdin (or died)
-        seq, item = pickle.loads(body)
+        seq, item = json.loads(body)
         if time_limit:
             _limit_cpu(time_limit)
         status = "ok"
         try:
-            data = pickle.dumps((seq, status, fn(item)), protocol=pickle.HIGHEST_PROTOCOL)
+            data = json.dumps([seq, status, fn(item)]).encode("utf-8")
         except MemoryError:
             status, data = "memory", None
         except BaseException as exc:  # noqa: BLE001 - the parent turns it into a failure result
-            status, data = "error", pickle.dumps((seq, "error", type(exc).__name__))
+            status, data = "error", json.dumps([seq, "error", type(exc).__name__]).encode("utf-8")
         if data is None:
-            data = pickle.dumps((seq, status, None))
+            data = json.dumps([seq, status, None]).encode("utf-8")
         _write_all(out_fd, _HEADER.pack(len(data)) + data)
         if status == "memory":
             return
 
 
 def _send(fd: int, msg) -> None:
-    data = pickle.dumps(msg)
+    data = json.dumps(msg).encode("utf-8")
     _write_all(fd, _HEADER.pack(len(data)) + data)
 
 

@@ -93,6 +93,8 @@ def misbehave(item: str):
         os._exit(int(arg))
     if kind == "raise":
         raise ValueError("secret letter text")
+    if kind == "object":
+        return {"not": "json", "x": {1, 2}}  # a set: not a JSON value
     raise AssertionError(item)
 
 
@@ -468,3 +470,11 @@ def test_a_folder_tree_1500_levels_deep_is_walked_without_recursion(tmp_path):
         (bottom / "letter.txt").unlink()
         for d in reversed(levels):
             os.rmdir(d)
+
+
+def test_worker_results_are_json_never_pickle():
+    """The parent decodes worker output as JSON: a worker that read a hostile file could send a crafted
+    pickle, and unpickling it would run code in the parent. A non-JSON result is a failure, not an object."""
+    got = list(run_isolated(TARGET, ["ok:1", "object", "ok:2"], _fail, workers=1, time_limit=30.0, memory_limit=1 << 30))
+    assert got[0] == "1" and got[2] == "2"
+    assert got[1] == ("failed", "object", "unexpected TypeError in the parser process")
