@@ -6,8 +6,9 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -180,6 +181,19 @@ def _is_mlflow_error(exc: BaseException) -> bool:
 _EXPECTED = (LookupError, ValueError, OSError)
 
 
+@contextmanager
+def _one_line_errors(uri: str | None = None) -> Iterator[None]:
+    """Expected errors and MLflow's own exception types inside the block → `_fail` (one line, exit 2)."""
+    try:
+        yield
+    except _EXPECTED as exc:
+        _fail(exc, uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
+        if not _is_mlflow_error(exc):
+            raise
+        _fail(exc, uri)
+
+
 def _load_reported(model: str | None, backend: str = "torch"):
     """Resolve and load the model, then say which one it is (URI, version, training data) on stderr.
 
@@ -188,16 +202,10 @@ def _load_reported(model: str | None, backend: str = "torch"):
     """
     from imr_model.inference import CHAMPION_URI, MODEL_ENV, load_model, resolve_model_uri
 
-    uri = None
-    try:
+    with _one_line_errors(model):
         uri = resolve_model_uri(model)
+    with _one_line_errors(uri):
         predictor = load_model(uri, backend=backend)
-    except _EXPECTED as exc:
-        _fail(exc, uri)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
-        if not _is_mlflow_error(exc):
-            raise
-        _fail(exc, uri)
     if model:
         how = "--model"
     elif os.environ.get(MODEL_ENV, "").strip():
@@ -371,14 +379,8 @@ def evaluate(
     """Print majority / TF-IDF / model metrics on labelled letters; optionally write them as JSON."""
     from imr_model.experiment import evaluate_model
 
-    try:
+    with _one_line_errors(model):
         result, table = evaluate_model(model, data, batch_size=batch_size)
-    except _EXPECTED as exc:
-        _fail(exc, model)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
-        if not _is_mlflow_error(exc):
-            raise
-        _fail(exc, model)
     typer.echo(table)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -396,14 +398,8 @@ def promote(
     """Move alias `champion` to the `candidate` version if it is at least as good on METRIC on the same data."""
     from imr_model.tracking import promote as promote_model
 
-    try:
+    with _one_line_errors(f"models:/{name}@candidate"):
         result = promote_model(name, metric, data, tolerance=tolerance)
-    except _EXPECTED as exc:
-        _fail(exc)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
-        if not _is_mlflow_error(exc):
-            raise
-        _fail(exc, f"models:/{name}@candidate")
     typer.echo(("promoted: " if result.promoted else "not promoted: ") + result.reason)
     if not result.promoted and result.champion_version is not None and result.candidate_version != result.champion_version:
         raise typer.Exit(code=1)

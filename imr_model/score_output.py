@@ -330,19 +330,17 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _append(path: Path, data: bytes) -> None:
     """Append `data` to `path` and fsync; an `OSError` becomes an `OutputWriteError` naming `path`."""
-    with _os_errors(path):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            _write_all(fd, data)
-            _fsync(fd)
-        finally:
-            os.close(fd)
+    _write_synced(path, data, os.O_APPEND)
 
 
 def _create(path: Path, data: bytes) -> None:
     """Create or truncate `path` with `data`, fsync'ed."""
+    _write_synced(path, data, os.O_TRUNC)
+
+
+def _write_synced(path: Path, data: bytes, mode: int) -> None:
     with _os_errors(path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | mode | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             _write_all(fd, data)
             _fsync(fd)
