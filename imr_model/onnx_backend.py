@@ -134,7 +134,8 @@ CHECK_FILE = "int8_check.json"
 def onnx_forward(classifier, model_dir: str | Path, *, int8: bool = True, max_dp: float = INT8_MAX_DP) -> OnnxForward:
     """Export/quantize if needed and open a session: what `load_model(..., backend="onnx")` uses.
 
-    The int8 model is first checked against PyTorch on synthetic demo items (in the model's view):
+    The int8 model is first checked against PyTorch on the packaged synthetic example items
+    (`examples.example_records`, in the model's view):
     if it moves P(Overturned) by more than `max_dp` the fp32 export is used instead, with a warning.
     Models whose head leans on small differences of the encoder's vectors (the logistic outcome head
     on a frozen encoder: int8 moved P by up to 0.05 on the shared letters' test split) need that.
@@ -151,16 +152,16 @@ def onnx_forward(classifier, model_dir: str | Path, *, int8: bool = True, max_dp
     return OnnxForward(ensure_onnx(classifier, model_dir, int8=False))
 
 
-def int8_check(classifier, forward: OnnxForward, path: Path, n_letters: int = 24) -> dict:
-    """max |Δp| of `forward` against PyTorch on synthetic demo items; cached in `path` (JSON)."""
+def int8_check(classifier, forward: OnnxForward, path: Path) -> dict:
+    """max |Δp| of `forward` against PyTorch on the packaged synthetic example items; cached in `path` (JSON)."""
     if path.is_file():
         cached = json.loads(path.read_text(encoding="utf-8"))
         if cached.get("onnx_file") == forward.path.name:
             return cached
-    from imr_model.demo import generate_letters
+    from imr_model.examples import example_records
     from imr_model.views import model_input
 
-    records = [r for letter in generate_letters(n_letters, seed=11) for r in letter.item_records()]
+    records = example_records()
     texts = [model_input(r, classifier.config.text_view, classifier.config.context_view) for r in records]
     p_torch, _ = classifier.predict_proba(texts)
     p_onnx, _ = classifier.predict_proba(texts, forward=forward)

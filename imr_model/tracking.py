@@ -203,17 +203,14 @@ def model_signature():
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
-def demo_input_example():
-    """Two synthetic demo items (clearly marked synthetic): never real letter text."""
+def input_example():
+    """The logged model's input example: two of the packaged synthetic example items (never real letter text)."""
     import pandas as pd
 
-    from imr_model.demo import generate_letters
+    from imr_model.examples import example_records
 
-    rows = []
-    for letter in generate_letters(3, seed=2024):
-        for rec in letter.item_records():
-            rows.append({"request": rec["request"], "rationale": rec["rationale"], "case_summary": rec["case_summary"]})
-    return pd.DataFrame(rows[:2])
+    rows = [{k: rec[k] for k in ("request", "rationale", "case_summary")} for rec in example_records()[:2]]
+    return pd.DataFrame(rows)
 
 
 def pip_requirements() -> list[str]:
@@ -254,7 +251,7 @@ def log_model(model_dir: str | Path, registered_model: str | None) -> tuple[str,
             python_model=str(Path(pyfunc_model.__file__).resolve()),
             artifacts={pyfunc_model.MODEL_DIR_ARTIFACT: str(model_dir)},
             signature=model_signature(),
-            input_example=demo_input_example(),
+            input_example=input_example(),
             pip_requirements=pip_requirements(),
             registered_model_name=registered_model,
         )

@@ -33,7 +33,7 @@ def test_signature_and_input_example_are_synthetic():
     sig = tracking.model_signature()
     assert sig.inputs.input_names() == ["request", "rationale", "case_summary", "text"]
     assert sig.outputs.input_names() == list(OUTPUT_COLUMNS)
-    example = tracking.demo_input_example()
+    example = tracking.input_example()
     assert list(example.columns) == ["request", "rationale", "case_summary"] and len(example) == 2
 
 
