@@ -233,6 +233,27 @@ def _load_reported(model: str | None, backend: str = "torch"):
     return predictor
 
 
+@contextmanager
+def _extras_needed(engine: str = "local", backend: str = "torch") -> Iterator[None]:
+    """Check the optional parts `engine`/`backend` need; a missing one (`MissingExtraError`, here or inside the
+    block) → its message on one line (it names the extra to install) and exit 1."""
+    from imr_model.extras import MissingExtraError
+
+    try:
+        if engine == "spark":
+            from imr_model.spark import require_pyspark
+
+            require_pyspark()
+        elif backend == "onnx":
+            from imr_model.onnx_backend import require_onnx
+
+            require_onnx()
+        yield
+    except MissingExtraError as exc:
+        _say(_one_line(exc), "red")
+        raise typer.Exit(code=1) from None
+
+
 @app.command()
 def score(
     inputs: Annotated[list[str], typer.Argument(help="Letter files, folders, globs, or item tables (.csv/.jsonl/.parquet).")],
@@ -241,8 +262,9 @@ def score(
     attributions: Annotated[bool, typer.Option("--attributions", help="Add word attributions of the outcome logit.")] = False,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass; letters are scored and written atomically "
                                                  "in chunks of about 4x this many items.")] = 32,
-    backend: Annotated[str, typer.Option(help="torch | onnx (int8 ONNX Runtime).")] = "torch",
-    engine: Annotated[str, typer.Option(help="local | spark (mlflow.pyfunc.spark_udf; needs an MLflow model URI).")] = "local",
+    backend: Annotated[str, typer.Option(help="torch | onnx (int8 ONNX Runtime; extra imr-model[onnx]).")] = "torch",
+    engine: Annotated[str, typer.Option(help="local | spark (mlflow.pyfunc.spark_udf; needs an MLflow model URI; "
+                                                   "extra imr-model[spark]).")] = "local",
     n_steps: Annotated[int, typer.Option(help="Integration steps for --attributions.")] = 32,
 ) -> None:
     """Score letters into one row per item (outcome, p_overturned, guidelines); resumable and crash-safe."""
@@ -255,31 +277,32 @@ def score(
     except _EXPECTED as exc:
         _fail(exc)
     start = time.perf_counter()
-    if engine == "spark":
-        from imr_model.inference import resolve_model_uri
-        from imr_model.spark import score_files
+    with _extras_needed(engine, backend):  # a missing extra fails before the model is loaded
+        if engine == "spark":
+            from imr_model.inference import resolve_model_uri
+            from imr_model.spark import score_files
 
-        try:
-            uri = resolve_model_uri(model)
-            _say(f"model: {uri} (spark engine)")
-            summary = score_files(inputs, output, model_uri=uri)
-        except _EXPECTED as exc:
-            _fail(exc, model)
-    else:
-        from imr_model.scoring import score as score_letters
+            try:
+                uri = resolve_model_uri(model)
+                _say(f"model: {uri} (spark engine)")
+                summary = score_files(inputs, output, model_uri=uri)
+            except _EXPECTED as exc:
+                _fail(exc, model)
+        else:
+            from imr_model.scoring import score as score_letters
 
-        try:  # a locked, read-only or full output is refused before the model loads
-            lock = lock_output(output)
-        except _EXPECTED as exc:
-            _fail(exc)
-        try:
-            predictor = _load_reported(model, backend)
-            summary = score_letters(inputs, output, model=predictor, attributions=attributions, batch_size=batch_size,
-                                    backend=backend, n_steps=n_steps, lock=lock)  # fmt: skip
-        except _EXPECTED as exc:
-            _fail(exc, model)
-        finally:
-            lock.release()
+            try:  # a locked, read-only or full output is refused before the model loads
+                lock = lock_output(output)
+            except _EXPECTED as exc:
+                _fail(exc)
+            try:
+                predictor = _load_reported(model, backend)
+                summary = score_letters(inputs, output, model=predictor, attributions=attributions, batch_size=batch_size,
+                                        backend=backend, n_steps=n_steps, lock=lock)  # fmt: skip
+            except _EXPECTED as exc:
+                _fail(exc, model)
+            finally:
+                lock.release()
     err_console.print(
         f"{summary.letters} letters, {summary.items} items, {summary.errors} errors, {summary.skipped} already done "
         f"in {_rate(summary.items, 'items', start)} → {output}"
@@ -316,7 +339,7 @@ def serve(
     model: Annotated[Optional[str], typer.Option(help=_MODEL_HELP)] = None,
     host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
-    backend: Annotated[str, typer.Option(help="torch | onnx.")] = "torch",
+    backend: Annotated[str, typer.Option(help="torch | onnx (extra imr-model[onnx]).")] = "torch",
     timeout: Annotated[float, typer.Option(help="Per-request deadline in seconds, queueing included (504 beyond; "
                                                 "the worker is killed and replaced).")] = 60.0,
     max_body_mb: Annotated[float, typer.Option(help="Request body limit in MB (413 beyond).")] = 5.0,
@@ -326,11 +349,13 @@ def serve(
     body_timeout: Annotated[float, typer.Option(help="Seconds to receive a request body (408 beyond).")] = 30.0,
     header_timeout: Annotated[float, typer.Option(help="Seconds to receive the request line and headers.")] = 10.0,
 ) -> None:
-    """Serve predictions over HTTP (FastAPI + uvicorn); set $IMR_API_TOKEN to require a bearer token."""
+    """Serve predictions over HTTP (FastAPI + uvicorn: extra imr-model[serve]); $IMR_API_TOKEN requires a bearer token."""
     import gc
 
     from imr_model.inference import clear_cache
-    from imr_model.serving import serve as run_server
+
+    with _extras_needed(backend=backend):  # [serve] (and [onnx] for --backend onnx) before the model loads
+        from imr_model.serving import serve as run_server
 
     predictor = _load_reported(model, backend)  # a bad model fails here, before a port is bound
     uri = predictor.uri

@@ -10,6 +10,9 @@ matrix arithmetic. `compare` reports how far the int8 path moves the probabiliti
 
 Exported files are cached per model content (``$IMR_CACHE_DIR`` or ``~/.cache/imr_model/onnx/<digest>``):
 an MLflow model is downloaded to a new temporary folder each time, so its own folder is no cache.
+
+onnx, onnxruntime and onnxscript (the exporter's) are the `[onnx]` extra: without them the entry points
+raise `extras.MissingExtraError` (``pip install 'imr-model[onnx]'``).
 """
 
 from __future__ import annotations
@@ -25,12 +28,22 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from imr_model.extras import require
+
+FEATURE = "--backend onnx"
+EXTRA_MODULES = ("onnx", "onnxruntime", "onnxscript")
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAMES = ("outcome_logits", "guideline_logits")
 FP32_FILE = "imr_net.onnx"
 INT8_FILE = "imr_net.int8-per-channel.onnx"
 _EXPORT_LOCK = threading.Lock()
 logger = logging.getLogger(__name__)
+
+
+def require_onnx() -> None:
+    """Raise `MissingExtraError` (naming ``imr-model[onnx]``) unless the `[onnx]` extra is installed."""
+    for module in EXTRA_MODULES:
+        require(module, "onnx", FEATURE)
 
 
 def cache_dir(model_dir: Path) -> Path:
@@ -48,6 +61,7 @@ def cache_dir(model_dir: Path) -> Path:
 
 def export_onnx(classifier, path: str | Path) -> Path:
     """Export `classifier.net` to `path` (fp32) with dynamic (batch, sequence) axes."""
+    require_onnx()  # torch's dynamo exporter builds the graph with onnxscript and onnx
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = classifier.net.eval()
@@ -74,6 +88,7 @@ def export_onnx(classifier, path: str | Path) -> Path:
 
 def quantize(fp32_path: str | Path, int8_path: str | Path) -> Path:
     """Dynamic int8 quantization of the MatMul/Gemm weights (activations quantized at run time)."""
+    require_onnx()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     import onnx
@@ -99,6 +114,7 @@ def quantize(fp32_path: str | Path, int8_path: str | Path) -> Path:
 
 def ensure_onnx(classifier, model_dir: str | Path, *, int8: bool = True) -> Path:
     """The cached ONNX file for this model, exporting (and quantizing) it on first use."""
+    require_onnx()
     folder = cache_dir(Path(model_dir))
     fp32, int8_file = folder / FP32_FILE, folder / INT8_FILE
     with _EXPORT_LOCK:
@@ -113,7 +129,7 @@ class OnnxForward:
     """`modeling.ForwardFn` backed by an ONNX Runtime session (thread-safe: `run` may be called concurrently)."""
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
+        ort = require("onnxruntime", "onnx", FEATURE)
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -141,6 +157,7 @@ def onnx_forward(classifier, model_dir: str | Path, *, int8: bool = True, max_dp
     on a frozen encoder: int8 moved P by up to 0.05 on the shared letters' test split) need that.
     The check runs once per model; its result is cached beside the ONNX files.
     """
+    require_onnx()  # before any export work
     forward = OnnxForward(ensure_onnx(classifier, model_dir, int8=int8))
     if not int8:
         return forward

@@ -25,6 +25,9 @@ docs pages carry the spec inline, so one authorised page load shows it). Bad inp
 the offending field; validation errors never echo the submitted text back; lone surrogates
 (``"\\ud800"`` escapes) in any text are replaced with U+FFFD; nothing logs letter text; no
 filesystem path is ever built from request data.
+
+fastapi, fastapi-offline, uvicorn and python-multipart are the `[serve]` extra: importing this module
+without them raises `extras.MissingExtraError` (``pip install 'imr-model[serve]'``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import PurePath
 from typing import Any, Literal
+
+from imr_model.extras import require
+
+FEATURE = "imr serve"
+for _module in ("fastapi", "fastapi_offline", "uvicorn", "python_multipart"):  # before the imports below
+    require(_module, "serve", FEATURE)
+del _module
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError

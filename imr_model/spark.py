@@ -10,6 +10,9 @@ local engine (letters already in the output are not sent to Spark again).
 
 A plain model directory (not an MLflow model) is wrapped into a pyfunc on the fly, so any model that
 `imr score` accepts also works here.
+
+pyspark is the `[spark]` extra: every entry point checks for it first and, without it, raises
+`extras.MissingExtraError` (``pip install 'imr-model[spark]'``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from imr_model.extras import require
 from imr_model.pyfunc_model import INPUT_COLUMNS, MODEL_DIR_ARTIFACT, OUTPUT_COLUMNS
+
+FEATURE = "imr score --engine spark"
 
 RESULT_TYPE = "outcome string, p_overturned double, guideline_labels array<string>, guidelines string, warnings array<string>"
 _PARSED_SCHEMA = (
@@ -31,8 +37,14 @@ _PARSED_SCHEMA = (
 )
 
 
+def require_pyspark() -> None:
+    """Raise `MissingExtraError` (naming ``imr-model[spark]``) unless pyspark is installed."""
+    require("pyspark", "spark", FEATURE)
+
+
 def get_spark(master: str = "local[2]", app_name: str = "imr-score"):
     """The active SparkSession, or a new local one whose Python workers use this interpreter."""
+    require_pyspark()
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
@@ -77,6 +89,7 @@ def score(df, model_uri: str, *, batch_size: int = 32, parsed_letters: bool = Fa
 
     `parsed_letters`: the rows are items of parsed letters (the input warnings then skip the structure check).
     """
+    require_pyspark()
     import mlflow
     from pyspark.sql import functions as F
 
@@ -121,6 +134,7 @@ def score_files(
     """`imr score --engine spark`: parse and score letters on Spark, write rows like the local engine."""
     from imr_model.score_output import lock_output, output_format
 
+    require_pyspark()  # before the model is loaded and wrapped
     output_format(output)
     start = time.perf_counter()
     lock = lock_output(output)  # before Spark starts: a second run on this output fails at once
