@@ -28,7 +28,10 @@ MINILM_ALIASES = (
     "all-minilm-l6-v2",
     "sentence-transformers/all-minilm-l6-v2",
 )
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: Named configs (`--config tiny`): `imr_model/configs/` in an installed wheel (setup.py's build_py copies the
+#: repository's top-level `configs/*.yaml` there), else the repository's `configs/` (source tree, editable install).
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -304,15 +307,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(_describe(exc, path)) from None
 
 
+def config_names() -> list[str]:
+    """The named configs (`CONFIG_DIR/*.yaml` stems), sorted."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+
+
 def resolve_config_path(path: str | Path) -> Path:
-    """A config path as given, else `configs/NAME.yaml` from the repository; lists the names on failure."""
+    """A config path as given, else the named config `CONFIG_DIR/NAME.yaml`; lists the names on failure."""
     candidate = Path(path)
     if candidate.is_file():
         return candidate
     named = CONFIG_DIR / f"{Path(str(path)).stem}.yaml"
     if named.is_file() and candidate.suffix in ("", ".yaml", ".yml") and len(candidate.parts) <= 2:
         return named
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    known = config_names()
     raise ConfigError(f"config {str(path)!r} not found; give a YAML path or one of: {', '.join(known) or '(none)'}")
 
 
