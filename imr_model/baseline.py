@@ -21,9 +21,8 @@ from scipy import sparse
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from imr_model.calibration import bounded_sigmoid
+from imr_model.calibration import bounded_sigmoid, fit_temperature
 from imr_model.config import BaselineSection
-from imr_model.views import main_text
 
 JSON_FILE = "baseline.json"
 ARRAYS_FILE = "baseline.safetensors"
@@ -65,13 +64,9 @@ class BaselineModel:
         text_view: str = "rationale",
         seed: int = 0,
     ) -> "BaselineModel":
-        """Fit on texts, outcome labels y (N,) (1 = Overturned) and guideline matrix Y (N, L).
-
-        Model inputs with a context part (`views.model_input`) count with their main view only: the
-        baseline is TF-IDF on the text view, the issue's anchor.
-        """
+        """Fit on texts, outcome labels y (N,) (1 = Overturned) and guideline matrix Y (N, L)."""
         settings = settings or BaselineSection()
-        texts = [main_text(t) for t in texts]
+        texts = list(texts)
         y_arr, Y_arr = np.asarray(y).astype(int), np.asarray(Y).astype(int)
         if len(texts) != len(y_arr) or Y_arr.shape != (len(texts), len(label_names)):
             raise ValueError(
@@ -104,7 +99,7 @@ class BaselineModel:
             self._tfidf = TfidfFeatures(self.vocabulary, self.idf, self.settings.ngram_max)
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings; wrap a single text in a list")
-        return self._tfidf.transform([main_text(t) for t in texts])
+        return self._tfidf.transform(list(texts))
 
     def decision_function(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Logits: outcome (N,) and guidelines (N, L)."""
@@ -117,7 +112,18 @@ class BaselineModel:
         # Bounded like the classifier's: no 0.0 / 1.0 / 8.8e-27 beside the model in comparison tables.
         return bounded_sigmoid(o / self.temperature), bounded_sigmoid(g)
 
-    # --------------------------------------------------------------------------- IO
+    def calibrate(self, texts: Sequence[str], y: Sequence[int]) -> None:
+        """Temperature of the outcome logit on held-out items; decisions stay at 0.5 (scikit-learn's `predict`).
+
+        Balanced class weights move the baseline's 0.5 to the balanced decision point, and they inflate
+        rare-class probabilities, so the F1*/2 rule does not apply; the empirical argmax on ~40
+        validation items overfits (on the shared letters it cost the guideline micro-F1 ~0.25 on test).
+        """
+        o, _ = self.decision_function(texts)
+        self.temperature = fit_temperature(o, y)
+        self.outcome_threshold = 0.5
+        self.guideline_thresholds = np.full(len(self.label_names), 0.5)
+
     def decide_guidelines(self, guideline_probs: np.ndarray) -> np.ndarray:
         """0/1 guideline decisions (N, L): each label independently at its threshold (one-vs-rest)."""
         return (np.asarray(guideline_probs) >= self.guideline_thresholds[None, :]).astype(int)
@@ -219,7 +225,7 @@ class TfidfFeatures:
 
 
 def _fit_binary(X: sparse.csr_matrix, y: np.ndarray, settings: BaselineSection, seed: int) -> tuple[np.ndarray, float]:
-    return fit_binary_logistic(X, y, C=settings.C, balanced=settings.class_weight != "none", seed=seed)
+    return fit_binary_logistic(X, y, C=settings.C, balanced=True, seed=seed)
 
 
 def fit_binary_logistic(X, y: np.ndarray, *, C: float, balanced: bool = True, seed: int = 0) -> tuple[np.ndarray, float]:

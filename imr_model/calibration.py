@@ -1,12 +1,14 @@
-"""Calibration fitted on validation items: temperature scaling and decision thresholds.
+"""Calibration: temperature scaling, decision thresholds and guideline decoding (numpy functions).
+
+`IMRClassifier.fit_calibration` and `BaselineModel.calibrate` call these on held-out items.
 
 The outcome logit is divided by a temperature T that minimises the validation NLL (Guo et al.,
 2017) against Platt's smoothed targets ((N₊+1)/(N₊+2) for positives, 1/(N₋+2) for negatives): on
 separable validation items (a handful of Overturned, all ranked above every Upheld) the hard-target
 NLL falls without bound as T → 0, and the fit ran to its lower bound 0.05, which turned logits into
-probabilities of exactly 0 and 1. Thresholds turn probabilities into decisions: `half_max_f1`
-(default for the transformer, whose probabilities are calibrated) or `best_f1`, the empirical
-argmax. The TF-IDF baseline keeps scikit-learn's 0.5 (see `calibrate_baseline`).
+probabilities of exactly 0 and 1. The outcome threshold is half the best held-out F1
+(`half_max_f1_threshold`, the F1-optimal threshold for calibrated probabilities); the class-balanced
+guideline regressions and the TF-IDF baseline keep scikit-learn's 0.5.
 
 Output scale: the classifier's probabilities leave the package within [PROB_MIN, PROB_MAX] =
 [0.001, 0.999] through `bound_probability` (p' = 0.001 + 0.998 p, strictly increasing: no ties, so
@@ -28,7 +30,6 @@ from scipy.special import expit
 from sklearn import metrics as skm
 
 from imr_model.metrics import _as_binary, _check_same_length
-from imr_model.taxonomy import decision_basis_columns
 
 #: Bounds of every probability the classifier outputs: no letter is decided with certainty by a model
 #: calibrated on ~40 validation items (5 Overturned), and 0.0/1.0/8.8e-27 read as certainty.
@@ -39,7 +40,7 @@ def bound_probability(p):
     """[0, 1] → [PROB_MIN, PROB_MAX], affine and strictly increasing (float64): p' = 0.001 + 0.998 p.
 
     Used for probabilities and for the thresholds they are compared with; affine, so the midpoint
-    between two probabilities (a `best_f1` threshold) maps to the midpoint of their images. Raises on NaN
+    between two probabilities maps to the midpoint of their images. Raises on NaN
     or values outside [0, 1].
     """
     arr = np.asarray(p, dtype=np.float64)
@@ -101,24 +102,6 @@ def binary_nll(logits, y_true) -> float:
     return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
 
-def best_f1_threshold(y_true, scores, default: float = 0.5) -> float:
-    """Threshold maximising F1 of the positive class; the middle of the best plateau; default if no positive."""
-    y = _as_binary(y_true, "y_true")
-    s = np.asarray(scores, dtype=float)
-    _check_same_length(y, s)
-    if y.sum() == 0 or y.sum() == y.size:
-        return float(default)
-    cuts = np.unique(s)
-    f1 = np.array([skm.f1_score(y, (s >= c).astype(int), zero_division=0) for c in cuts])
-    best = np.flatnonzero(np.isclose(f1, f1.max()))
-    # Any threshold in (score below the plateau, top of the plateau] gives the same F1 here; the
-    # middle of that gap is the least sensitive to noise in a small validation set.
-    lo_idx, hi_idx = best[0], best[-1]
-    upper = cuts[hi_idx]
-    lower = cuts[lo_idx - 1] if lo_idx > 0 else max(0.0, cuts[lo_idx] - 0.05)
-    return float((lower + upper) / 2.0) if lower < upper else float(upper)
-
-
 def half_max_f1_threshold(y_true, p, default: float = 0.5) -> float:
     """Half the best F1 reachable on held-out items: the F1-optimal threshold for calibrated probabilities.
 
@@ -135,82 +118,8 @@ def half_max_f1_threshold(y_true, p, default: float = 0.5) -> float:
     return float(best / 2.0)
 
 
-THRESHOLD_RULES = {"half_max_f1": half_max_f1_threshold, "best_f1": best_f1_threshold}
-
-
-def fit_threshold(y_true, p, rule: str = "half_max_f1", default: float = 0.5) -> float:
-    """Decision threshold by rule: `half_max_f1` (calibrated probabilities) or `best_f1` (empirical argmax)."""
-    if rule not in THRESHOLD_RULES:
-        raise ValueError(f"unknown threshold rule {rule!r}; valid: {', '.join(THRESHOLD_RULES)}")
-    return THRESHOLD_RULES[rule](y_true, p, default)
-
-
-def fit_label_thresholds(Y_true, P, default: float = 0.5, rule: str = "best_f1") -> np.ndarray:
-    """Per-label thresholds (L,) by `rule`; labels without positives keep `default`."""
-    yt, pr = np.asarray(Y_true).astype(int), np.asarray(P, dtype=float)
-    if yt.shape != pr.shape:
-        raise ValueError(f"Y_true has shape {yt.shape} but P has {pr.shape}")
-    return np.array([fit_threshold(yt[:, j], pr[:, j], rule, default) for j in range(yt.shape[1])])
-
-
-def calibrate(clf, windows, val, batch_size: int = 32, rule: str = "half_max_f1", *,
-              label_thresholds: bool = True, one_basis: bool = False) -> None:  # fmt: skip
-    """Fit temperature, outcome threshold and per-label thresholds on validation items, in place.
-
-    The transformer's probabilities are calibrated (temperature for the outcome; unweighted BCE for
-    the guidelines), so `rule` defaults to half the best F1 (see metrics.half_max_f1_threshold).
-    `label_thresholds=False` keeps every label at 0.5: a class-balanced guideline head
-    (`train.guideline_head: logistic`) puts its decision point there, as the baseline's does.
-    `one_basis=True` also fits one-basis decoding (`decide_labels`) on the same items, or keeps independent
-    decisions where those score higher there (`fit_basis_extra`).
-    Rules are fitted on the calibrated probabilities (`clf.calibrate(..., bounded=False)`); the thresholds
-    kept are mapped to the output scale (`bound_probability`), see the module docstring.
-    """
-    from imr_model.training import item_logits
-
-    o, g = item_logits(clf, windows, val.texts, batch_size)
-    calibrate_outcome(clf, o, val.y, rule)
-    _, P = clf.calibrate(o, g, bounded=False)
-    thresholds = (fit_label_thresholds(val.Y, P, rule=rule) if label_thresholds
-                  else np.full(len(clf.label_names), 0.5))  # fmt: skip
-    clf.guideline_thresholds = np.asarray(bound_probability(thresholds), dtype=np.float64).reshape(-1)
-    basis = decision_basis_columns(clf.label_names) if one_basis else []
-    if basis:
-        extra, scores = fit_basis_extra(val.Y, P, thresholds, basis)
-        clf.set_guideline_decoding(basis, extra)
-        clf.metrics["guideline_basis_extra_val_micro_f1"] = scores
-
-
-def calibrate_outcome(clf, outcome_logits, y_true, rule: str = "half_max_f1") -> None:
-    """Temperature and outcome threshold from held-out outcome logits, in place.
-
-    The logits are the validation items' or, with `train.fit_on_validation`, the grouped out-of-fold
-    logits of the logistic outcome head's C search (`training.refit_outcome_head`). The threshold rule
-    sees the calibrated probabilities; the threshold kept is on the output scale (`bound_probability`).
-    """
-    o = np.asarray(outcome_logits, dtype=float)
-    clf.temperature = fit_temperature(o, y_true)
-    p, _ = clf.calibrate(o, np.zeros((len(o), 0)), bounded=False)
-    clf.outcome_threshold = bound_probability(fit_threshold(y_true, p, rule))
-
-
-def calibrate_baseline(model, val) -> None:
-    """Temperature of the baseline's outcome logit; its decisions stay at 0.5 (scikit-learn's `predict`).
-
-    Balanced class weights move the baseline's 0.5 to the balanced decision point, and they inflate
-    rare-class probabilities, so the F1*/2 rule does not apply; the empirical argmax on ~40
-    validation items overfits (on the shared letters it cost the guideline micro-F1 ~0.25 on test).
-    """
-    o, _ = model.decision_function(val.texts)
-    model.temperature = fit_temperature(o, val.y)
-    model.outcome_threshold = 0.5
-    model.guideline_thresholds = np.full(len(model.label_names), 0.5)
-
-
 # Candidates for the extra-basis threshold (`fit_basis_extra`): 0.5 is independent decisions with at least
-# one basis label; 1.0 allows exactly one basis label. Frozen-MiniLM probe on the shared letters
-# (`rationale_masked`, grouped 5-fold CV, fold assignments 13 / 14): guideline micro-F1 .852 / .849 with
-# independent decisions, .871 / .859 with exactly one basis, .876 / .864 with a second one above 0.97.
+# one basis label; 1.0 allows exactly one basis label (the probe behind the grid: docs/experiments.md).
 BASIS_EXTRA_GRID = (0.5, 0.9, 0.97, 1.0)
 
 

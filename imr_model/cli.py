@@ -377,21 +377,20 @@ _DATA_HELP = "Letters (PDF/TXT files, folders, globs) or item tables (.csv/.json
 @app.command()
 def train(
     config: Annotated[str, typer.Option("--config", "-c", help="YAML path or a name in configs/ (default, masked, forecast, tiny).")] = "default",
-    data: Annotated[Optional[list[str]], typer.Option("--data", help=_DATA_HELP + " Repeatable; default: demo letters.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help=_DATA_HELP + " Repeatable; required (demo letters: `imr data demo`).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value: --set train.epochs=3 (repeatable).")] = None,
     cv: Annotated[int, typer.Option("--cv", help="Also run grouped K-fold cross-validation with pooled out-of-fold metrics (K >= 2).")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Train the TF-IDF baseline and the transformer, evaluate both, log to MLflow and register the model."""
-    from train.train import main as train_main
+    from imr_model.experiment import result_lines, train_from_config
+    from imr_model.logs import log_to_stderr
 
-    argv = ["--config", config, "--cv", str(cv)] + (["--data", *data] if data else [])
-    argv += [a for o in overrides or [] for a in ("--set", o)] + (["--json", str(json_out)] if json_out else [])
-    try:
-        train_main(argv + (["--quiet"] if quiet else []))
-    except _EXPECTED as exc:
-        _fail(exc)
+    log_to_stderr()
+    with _one_line_errors():
+        result = train_from_config(config, data, overrides or [], cv=cv, json_out=json_out, quiet=quiet)
+    typer.echo("\n".join(result_lines(result)))
 
 
 @app.command()
@@ -402,7 +401,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Items per model batch.")] = 32,
 ) -> None:
     """Print majority / TF-IDF / model metrics on labelled letters; optionally write them as JSON."""
-    from imr_model.experiment import evaluate_model
+    from imr_model.evaluation import evaluate_model
 
     with _one_line_errors(model):
         result, table = evaluate_model(model, data, batch_size=batch_size)
@@ -421,7 +420,7 @@ def promote(
     tolerance: Annotated[float, typer.Option(help="Allowed shortfall of the candidate.")] = 0.0,
 ) -> None:
     """Move alias `champion` to the `candidate` version if it is at least as good on METRIC on the same data."""
-    from imr_model.tracking import promote as promote_model
+    from imr_model.registry import promote as promote_model
 
     with _one_line_errors(f"models:/{name}@candidate"):
         result = promote_model(name, metric, data, tolerance=tolerance)
@@ -439,14 +438,13 @@ def pretrain(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Continue masked-LM pretraining of the backbone on letter text; reports held-out perplexity before/after."""
-    from train.pretrain import main as pretrain_main
+    from imr_model.experiment import pretrain_from_config, pretrain_report_lines
+    from imr_model.logs import log_to_stderr
 
-    argv = ["--config", config, "--output", str(output)] + (["--data", *data] if data else [])
-    argv += [a for o in overrides or [] for a in ("--set", o)] + (["--quiet"] if quiet else [])
-    try:
-        pretrain_main(argv)
-    except _EXPECTED as exc:
-        _fail(exc)
+    log_to_stderr()
+    with _one_line_errors():
+        report = pretrain_from_config(config, data, output, overrides or [], quiet=quiet)
+    typer.echo("\n".join(pretrain_report_lines(report, output)))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

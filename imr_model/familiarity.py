@@ -58,6 +58,8 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from imr_model import modeling
+
 PROFILE_FILE = "reference_profile.json"
 PROFILE_FORMAT = "imr-reference-profile"
 PROFILE_VERSION = 1
@@ -118,10 +120,8 @@ def is_letter_record(record: Mapping) -> bool:
 
 
 def word_count(text: str) -> int:
-    """Whitespace-separated words of a model input's main view (the context part after the separator is not counted)."""
-    from imr_model.views import main_text
-
-    return len(main_text(text).split())
+    """Whitespace-separated words of a model input."""
+    return len(text.split())
 
 
 # --------------------------------------------------------------------------- (b, c) the reference profile
@@ -245,7 +245,7 @@ def _fold_of(groups: list, folds: int) -> np.ndarray:
 def fit_classifier_profile(clf, texts: Sequence[str], windows=None, window_means=None, batch_size: int = 32,
                            groups: Sequence | None = None) -> ReferenceProfile:  # fmt: skip
     """The profile of a fitted classifier's training items (`texts`, in its model input); reuses the windows and
-    their mean-pooled vectors when training already computed them (`training._window_vectors`)."""
+    their mean-pooled vectors when training already computed them (`IMRClassifier.window_vectors`)."""
     windows = clf.make_windows(list(texts)) if windows is None else windows
     means = window_vectors(clf, windows, batch_size) if window_means is None else np.asarray(window_means, dtype=np.float32)
     return fit_profile(item_vectors(windows, means, len(texts)), [word_count(t) for t in texts], groups)
@@ -254,15 +254,12 @@ def fit_classifier_profile(clf, texts: Sequence[str], windows=None, window_means
 def save_profile(profile: ReferenceProfile, model_dir: str | Path) -> Path:
     """Write `PROFILE_FILE` into a model directory; in a saved model directory (one with config.json) its SHA-256
     is recorded in config.json (`modeling.record_digest`), so loading the model checks it like the weights."""
-    from imr_model import modeling
-
     path = Path(model_dir) / PROFILE_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(profile.to_dict()), encoding="utf-8")
     os.replace(tmp, path)
-    record_digest = getattr(modeling, "record_digest", None)  # directory formats before 3 keep no digests
-    if record_digest is not None and (Path(model_dir) / modeling.CONFIG_FILE).is_file():
-        record_digest(model_dir, PROFILE_FILE)
+    if (Path(model_dir) / modeling.CONFIG_FILE).is_file():
+        modeling.record_digest(model_dir, PROFILE_FILE)
     return path
 
 
@@ -278,32 +275,18 @@ def load_profile(model_dir: str | Path) -> ReferenceProfile | None:
 
 
 def item_vectors(windows, window_means: np.ndarray, n_items: int) -> np.ndarray:
-    """Item embeddings (N, H): the mean of each item's main-view window vectors, L2-normalised."""
+    """Item embeddings (N, H): the mean of each item's window vectors, L2-normalised."""
     means = np.asarray(window_means, dtype=np.float64)
     ids = windows.item_ids.numpy()
-    main = windows.segments.numpy() == 0
     out = np.zeros((n_items, means.shape[1]), dtype=np.float64)
-    np.add.at(out, ids[main], means[main])
-    counts = np.bincount(ids[main], minlength=n_items).astype(np.float64)
+    np.add.at(out, ids, means)
+    counts = np.bincount(ids, minlength=n_items).astype(np.float64)
     return _unit(out / np.maximum(counts, 1.0)[:, None])
 
 
 def window_vectors(clf, windows, batch_size: int = 32) -> np.ndarray:
     """Mean-pooled encoder states (W, H) of all windows with the torch encoder (an extra encoder pass)."""
-    import torch
-
-    n = len(windows)
-    out = np.zeros((n, int(clf.net.encoder.config.hidden_size)), dtype=np.float32)
-    lengths = windows.attention_mask.sum(dim=1)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    clf.net.eval()
-    with torch.inference_mode():
-        for b in range(0, n, max(1, batch_size)):
-            idx = order[b : b + batch_size]
-            t = max(1, int(lengths[idx].max()))
-            _, mean = clf.net.encode(windows.input_ids[idx, :t].to(clf.device), windows.attention_mask[idx, :t].to(clf.device))
-            out[idx.numpy()] = mean.float().cpu().numpy()
-    return out
+    return clf.window_vectors(windows, batch_size)[1].numpy().astype(np.float32)
 
 
 class _Capture:

@@ -1,45 +1,32 @@
-"""The network (encoder + outcome head + guideline head) and `IMRClassifier`, its text-in/probabilities-out wrapper.
+"""`IMRClassifier`: the model. It fits its own heads and calibration, predicts, and saves/loads its directory.
 
-Texts are cut into windows (`imr_model.windows`): one per sentence (`model.window_unit:
-sentences`, the default config) or fixed token windows of `max_length` tokens overlapping by
-`stride` (`tokens`). Each window is encoded once; the outcome head reads an attention-weighted
-average of its token states, the guideline head their mean (the pooling all-MiniLM-L6-v2 was
-trained with). Window logits are pooled back to the item, separately per head
-(`model.pooling` for the outcome, `model.guideline_pooling` for the guidelines):
+Texts are cut into windows (`imr_model.windows`: one per sentence, or fixed token windows); the
+network (`imr_model.network.IMRNet`) gives each window an outcome logit and guideline logits, which
+are pooled to items (`imr_model.pooling`: `model.pooling` for the outcome, `mean` for the guidelines)
+and joined by the item-level linear terms (citation cues, TF-IDF, evidence cues). Training pools the
+same way as inference, so what is trained is what is served.
 
-* `last`: the item's last window. With sentence windows that is the rationale's closing sentence,
-  where a MAXIMUS reviewer states the verdict. On the shared letters (grouped 5-fold CV, frozen
-  MiniLM + logistic regression) the last sentence separates the outcomes at AUROC .997, the mean
-  over sentences at .917 and the max at .928.
-* `max`: the highest-scoring window decides (multiple-instance learning): evidence that sits in one
-  place ("ODG states ...") is not diluted by the number of windows.
-* `mean`: every window counts equally (citations spread over a rationale).
-* `logsumexp`: log of the mean of exp, between mean and max.
-* `mean_last`: the mean plus the last window (the window bias counts twice). For the masked view,
-  whose closing verdict sentence is masked, the last window is the reviewer's last statement of the
-  evidence before it; frozen MiniLM + logistic regression on the shared letters (grouped 5-fold CV,
-  6 fold assignments): outcome AUROC .815 with `mean_last`, .783 with `mean`, .753 with `last`.
+Fitting (the trainer, `imr_model.training`, only runs these phases in order):
+* fine-tuning the encoder with both heads (`imr_model.finetune`, recipe `finetune` only);
+* `fit_heads`: the guideline head and its cue / TF-IDF terms as logistic regressions on the cached
+  window vectors (`imr_model.heads`), and, with `refit_outcome=True` (recipe `probe`), the outcome
+  head and its evidence-cue term the same way;
+* `fit_calibration`: the outcome temperature and decision threshold from held-out logits
+  (`imr_model.calibration`).
 
-Training pools the same way as inference, so what is trained is what is served.
-
-Context (`model.context_view`, e.g. `forecast` beside `rationale_masked`): the input holds a second
-view after `views.CONTEXT_SEPARATOR`. Its windows get their own outcome head (`IMRNet.context_head`;
-the network's outcome output is then (W, 2): main head, context head) pooled with `last`, and the
-item's outcome logit is the main part's pooled logit plus the context's. Guidelines, cues and TF-IDF
-read the main view only.
-
-A model directory holds `config.json` (`ModelConfig`), `model.safetensors`, tokenizer files
-(`tokenizer.json`, `tokenizer_config.json`), `calibration.json`, `metrics.json` and `taxonomy.json` (plus
-`tfidf_vocabulary.json` when the guideline logits have a TF-IDF term); loading it needs neither pickle
-nor the backbone: the encoder is rebuilt from the stored transformers config.
-
-A model directory is input, not code: `from_pretrained` never runs code from it (transformers is called
-with `trust_remote_code=False`, and an `auto_map` entry or a tokenizer class that is not transformers'
-own fails with an error naming the file), never prompts, and never fills in a missing file with a
-default. `config.json` records the SHA-256 of every other file `save_pretrained` wrote (`digests`),
-checked on load; a step that writes a file into the directory afterwards adds it with `record_digest`.
-`calibration.json` is range-checked. Probabilities are bounded to [0.001, 0.999]
-(`calibration.bounded_sigmoid`).
+A model directory (this module is its format; `FORMAT_VERSION`):
+* `config.json`: `ModelConfig` (what builds the network, the cues and labels it was built with, the
+  provenance) + `format_version` + `digests` (SHA-256 of every other file, checked on load);
+* `model.safetensors`: the network's weights; `tokenizer.json`, `tokenizer_config.json`;
+* `calibration.json`: temperature, outcome threshold, guideline thresholds and one-basis decoding;
+* `metrics.json` (what training measured), `taxonomy.json` (the labels), `tfidf_vocabulary.json`
+  (with `model.guideline_tfidf`), and files later steps add with `record_digest`
+  (`reference_profile.json`, `baseline/`).
+Loading needs neither pickle nor the backbone (the encoder is rebuilt from the stored transformers
+config) and runs no code from the directory: transformers is called with `trust_remote_code=False`,
+and an `auto_map` entry or a tokenizer class that is not transformers' own fails with an error naming
+the file; nothing prompts, and no missing file is filled in with a default. `calibration.json` is
+range-checked. Probabilities are bounded to [0.001, 0.999] (`calibration.bounded_sigmoid`).
 """
 
 from __future__ import annotations
@@ -48,27 +35,58 @@ import hashlib
 import json
 import math
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from scipy.special import expit
+from transformers import PreTrainedTokenizerBase
+from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
+from imr_model import heads
 from imr_model.baseline import TfidfFeatures
-from imr_model.calibration import PROB_MAX, PROB_MIN, bound_probability, bounded_sigmoid, decide_labels
-from imr_model.config import POOLINGS, ModelConfig, hub_offline, resolve_backbone
-from imr_model.cues import cue_matrix, cue_names, cue_version, evidence_matrix, evidence_names, evidence_version
-from imr_model.views import main_text
-from imr_model.windows import Windows, make_windows  # noqa: F401 - Windows is part of this module's API
+from imr_model.calibration import (
+    PROB_MAX,
+    PROB_MIN,
+    bound_probability,
+    bounded_sigmoid,
+    decide_labels,
+    fit_temperature,
+    half_max_f1_threshold,
+)
+from imr_model.config import ModelConfig
+from imr_model.cues import (
+    cue_matrix,
+    cue_names,
+    cue_version,
+    evidence_matrix,
+    evidence_names,
+    evidence_version,
+    label_cue_columns,
+)
+from imr_model.network import (  # noqa: F401 - ForwardFn and ModelDirectoryError are part of this module's API
+    ForwardFn,
+    IMRNet,
+    ModelDirectoryError,
+    build_encoder,
+    encoder_from_config,
+    quiet_transformers,
+)
+from imr_model.pooling import bias_multiplicity, pool
+from imr_model.taxonomy import decision_basis_columns, load_taxonomy
+from imr_model.types import OVERTURNED, UPHELD
+from imr_model.windows import Windows, make_windows
+
+GUIDELINE_POOLING = "mean"  # citations are spread over a rationale: every window counts
 
 CONFIG_FILE = "config.json"
 #: Version of the model-directory layout (network modules and their weight names). 2: outcome head on
 #: attention-pooled tokens, sentence windows. 3: SHA-256 digests in config.json, thresholds on the bounded
-#: probability scale. Directories of another version fail with a clear message.
-FORMAT_VERSION = 3
+#: probability scale. 4: recipes instead of head flags, no context head, guideline pooling always mean (#20).
+#: Directories of another version fail with a clear message.
+FORMAT_VERSION = 4
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -83,181 +101,8 @@ DIGESTS_KEY = "digests"
 _RESTORE = "retrain the model (`imr train`) or restore the file"
 
 
-class ModelDirectoryError(ValueError):
-    """A model directory that must not be loaded: tampered, incomplete, out of range or of another format."""
-
-
 class MissingModelFileError(ModelDirectoryError, FileNotFoundError):
     """A file the model-directory format needs is absent."""
-
-#: forward(input_ids (B, T) int64, attention_mask (B, T) int64) -> (outcome (B,), guidelines (B, L)) logits
-ForwardFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-class IMRNet(nn.Module):
-    """Transformer encoder with an outcome head on attention-pooled tokens and a guideline head on the mean.
-
-    Outcome: a verdict turns on a word or two ("is *not* medically necessary") in one sentence; in a
-    mean over ~250 tokens that word is noise, and a model trained on the mean learned topics instead
-    (validation AUROC fell while training loss went to 0). A learned attention over the tokens
-    (initialised to the mean) lets the head read that sentence. Guidelines: the cited guideline
-    shows in many small cues (body part, drug class, "ODG", "chronic pain") that a mean adds up;
-    per-label attention (CAML-style) did worse on the shared letters.
-    """
-
-    def __init__(self, encoder: nn.Module, n_labels: int, dropout: float = 0.1, n_cues: int = 0, n_tfidf: int = 0,
-                 n_outcome_cues: int = 0, context: bool = False):  # fmt: skip
-        super().__init__()
-        self.encoder = encoder
-        hidden = int(encoder.config.hidden_size)
-        self.dropout = nn.Dropout(dropout)
-        self.outcome_attention = nn.Linear(hidden, 1)  # token scores; zero init = mean pooling at the start
-        nn.init.zeros_(self.outcome_attention.weight)
-        nn.init.zeros_(self.outcome_attention.bias)
-        self.outcome_head = nn.Linear(hidden, 1)
-        self.guideline_head = nn.Linear(hidden, n_labels)
-        # Outcome head of the context view's windows (`model.context_view`); fit by the logistic refit.
-        self.context_head = nn.Linear(hidden, 1) if context else None
-        if self.context_head is not None:
-            nn.init.zeros_(self.context_head.weight)
-            nn.init.zeros_(self.context_head.bias)
-        # Item-level linear term on citation cues (imr_model/cues.py), added after pooling; zero at the start.
-        self.guideline_cues = nn.Linear(n_cues, n_labels, bias=False) if n_cues else None
-        if self.guideline_cues is not None:
-            nn.init.zeros_(self.guideline_cues.weight)
-        # Item-level linear term on evidence cues (`model.outcome_cues`), added to the pooled outcome logit.
-        self.outcome_cues = nn.Linear(n_outcome_cues, 1, bias=False) if n_outcome_cues else None
-        if self.outcome_cues is not None:
-            nn.init.zeros_(self.outcome_cues.weight)
-        # Item-level linear term on the text's TF-IDF vector (`model.guideline_tfidf`); idf kept beside it.
-        self.guideline_tfidf = nn.Linear(n_tfidf, n_labels, bias=False) if n_tfidf else None
-        if self.guideline_tfidf is not None:
-            nn.init.zeros_(self.guideline_tfidf.weight)
-            self.register_buffer("tfidf_idf", torch.ones(n_tfidf, dtype=torch.float64))
-
-    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(W, T) token windows → attention-pooled (W, H) for the outcome, mean-pooled (W, H) for guidelines."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (W, T, H)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (W, T, 1)
-        mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        scores = self.outcome_attention(hidden).masked_fill(mask == 0, torch.finfo(hidden.dtype).min)  # (W, T, 1)
-        attended = (torch.softmax(scores, dim=1) * hidden).sum(dim=1)
-        return attended, mean
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(W, T) token windows → outcome logit (W,) and guideline logits (W, L) per window.
-
-        With a context head the outcome is (W, 2): the main head's logit, then the context head's.
-        """
-        attended, mean = self.encode(input_ids, attention_mask)
-        attended = self.dropout(attended)
-        outcome = self.outcome_head(attended)  # (W, 1)
-        if self.context_head is not None:  # (W, 2); no squeeze: ONNX's Squeeze needs a dimension of 1
-            outcome = torch.cat([outcome, self.context_head(attended)], dim=-1)
-        else:
-            outcome = outcome.squeeze(-1)
-        return outcome, self.guideline_head(self.dropout(mean))
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        """The word-embedding layer (the Captum LayerIntegratedGradients target)."""
-        return self.encoder.get_input_embeddings()
-
-
-def pool_logits(logits: Tensor, item_ids: Tensor, n_items: int, mode: str) -> Tensor:
-    """Pool window logits (W,) or (W, L) into item logits (N,) or (N, L); differentiable."""
-    if mode == "mean_last":
-        return pool_logits(logits, item_ids, n_items, "mean") + pool_logits(logits, item_ids, n_items, "last")
-    shape = (n_items,) + tuple(logits.shape[1:])
-    index = item_ids.view(-1, *([1] * (logits.dim() - 1))).expand_as(logits)
-    if mode == "max":
-        return logits.new_full(shape, float("-inf")).scatter_reduce(0, index, logits, "amax", include_self=False)
-    if mode == "last":  # the item's last window (windows are in text order)
-        position = torch.arange(len(item_ids), device=item_ids.device)
-        last = torch.zeros(n_items, dtype=torch.long, device=item_ids.device).scatter_reduce(
-            0, item_ids, position, "amax", include_self=False
-        )
-        return logits[last]
-    counts = torch.zeros(n_items, dtype=logits.dtype, device=logits.device).index_add_(
-        0, item_ids, torch.ones_like(item_ids, dtype=logits.dtype)
-    )
-    counts = counts.clamp(min=1.0).view(-1, *([1] * (logits.dim() - 1)))
-    if mode == "mean":
-        return logits.new_zeros(shape).index_add_(0, item_ids, logits) / counts
-    if mode == "logsumexp":
-        peak = logits.new_full(shape, float("-inf")).scatter_reduce(0, index, logits, "amax", include_self=False)
-        peak = peak.detach()  # a constant shift for stability; the gradient does not need it
-        summed = logits.new_zeros(shape).index_add_(0, item_ids, torch.exp(logits - peak[item_ids]))
-        return torch.log(summed / counts) + peak
-    raise ValueError(f"unknown pooling {mode!r}; valid: {', '.join(POOLINGS)}")
-
-
-def bias_multiplicity(mode: str) -> int:
-    """How often a window head's bias enters the pooled item logit: 2 for `mean_last`, else 1."""
-    return 2 if mode == "mean_last" else 1
-
-
-def _encoder_from_config(encoder_config: dict) -> nn.Module:
-    """The encoder, randomly initialised from a transformers config dict (transformers' own classes only)."""
-    from transformers import AutoConfig, AutoModel
-
-    params = dict(encoder_config)
-    if "auto_map" in params:  # would name classes in Python files beside the config
-        raise ModelDirectoryError("encoder_config has an `auto_map` entry (custom model code); imr-model builds "
-                                  "transformers' own encoders only and runs no code from a model directory")  # fmt: skip
-    model_type = params.pop("model_type", None)
-    if not model_type:
-        raise ValueError("encoder_config has no model_type; cannot rebuild the encoder")
-    hf_config = AutoConfig.for_model(model_type, **params)
-    try:  # the pooler is unused (we mean-pool); BERT-like encoders can skip it
-        return AutoModel.from_config(hf_config, add_pooling_layer=False, trust_remote_code=False)
-    except TypeError:
-        return AutoModel.from_config(hf_config, trust_remote_code=False)
-
-
-@contextmanager
-def quiet_transformers():
-    """Silence transformers' load report and progress bar for one call, then restore the user's settings."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
-def build_encoder(config: ModelConfig) -> tuple[nn.Module, object]:
-    """Encoder and tokenizer for a new model, from the backbone (pretrained weights or random init)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    source = resolve_backbone(config.backbone)
-    local = hub_offline()
-    # trust_remote_code=False: a backbone that needs its own Python code fails instead of prompting or running it
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local, trust_remote_code=False)
-    hf_config = AutoConfig.from_pretrained(source, local_files_only=local, trust_remote_code=False)
-    for key, value in config.encoder_overrides.items():
-        if not hasattr(hf_config, key):
-            raise ValueError(f"model.encoder_overrides: {type(hf_config).__name__} has no field {key!r}")
-        setattr(hf_config, key, value)
-    if config.init == "random":
-        hf_config.vocab_size = len(tokenizer)
-        encoder = _encoder_from_config(hf_config.to_dict())
-    else:  # overrides such as attention_probs_dropout_prob apply on top of the pretrained weights
-        with quiet_transformers():  # the unused pooler weights are reported as "unexpected" on every load
-            try:
-                encoder = AutoModel.from_pretrained(source, config=hf_config, local_files_only=local,
-                                                    add_pooling_layer=False, trust_remote_code=False)  # fmt: skip
-            except TypeError:
-                encoder = AutoModel.from_pretrained(source, config=hf_config, local_files_only=local,
-                                                    trust_remote_code=False)  # fmt: skip
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"backbone {config.backbone!r} has no fast tokenizer; character offsets need one")
-    return encoder, tokenizer
-
 
 class IMRClassifier:
     """Texts (already in the model's text view) → calibrated outcome and guideline probabilities."""
@@ -331,8 +176,8 @@ class IMRClassifier:
                                            "cue_names": cues, "cue_version": cue_version() if cues else 0,
                                            "outcome_cue_names": evidence,
                                            "outcome_cue_version": evidence_version() if evidence else 0})  # fmt: skip
-        net = IMRNet(encoder, len(label_names), config.dropout, len(cues), len(tfidf) if tfidf is not None else 0,
-                     len(evidence), context=config.context_view is not None)  # fmt: skip
+        net = IMRNet(encoder, len(label_names), n_cues=len(cues), n_tfidf=len(tfidf) if tfidf is not None else 0,
+                     n_outcome_cues=len(evidence))  # fmt: skip
         if tfidf is None:
             return cls(config, net, tokenizer, device=device)
         with torch.no_grad():
@@ -388,11 +233,11 @@ class IMRClassifier:
             except (KeyError, TypeError, ValueError) as exc:
                 raise ModelDirectoryError(f"{path / TFIDF_FILE}: no valid vocabulary / ngram_max ({exc!r}); {_RESTORE}") from None
         try:
-            encoder = _encoder_from_config(config.encoder_config)
+            encoder = encoder_from_config(config.encoder_config)
         except ModelDirectoryError as exc:
             raise ModelDirectoryError(f"{path / CONFIG_FILE}: {exc}; {_RESTORE}") from None
-        net = IMRNet(encoder, len(config.label_names), config.dropout, len(config.cue_names), len(vocabulary or []),
-                     len(config.outcome_cue_names), context=config.context_view is not None)  # fmt: skip
+        net = IMRNet(encoder, len(config.label_names), n_cues=len(config.cue_names), n_tfidf=len(vocabulary or []),
+                     n_outcome_cues=len(config.outcome_cue_names))  # fmt: skip
         state = load_file(str(path / WEIGHTS_FILE))
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
@@ -453,22 +298,21 @@ class IMRClassifier:
         """Tokenize texts into windows (token windows with stride, or sentences); every text yields one or more."""
         cfg = self.config
         return make_windows(self.tokenizer, _check_texts(texts), max_length=cfg.max_length, stride=cfg.stride,
-                            max_windows=cfg.max_windows, unit=cfg.window_unit,
-                            context=cfg.context_view is not None)  # fmt: skip
+                            max_windows=cfg.max_windows, unit=cfg.window_unit)
 
     def forward_windows(
         self, windows: Windows, batch_size: int = 32, forward: ForwardFn | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw logits per window, (W,) and (W, L); the outcome is (W, 2) with a context head (main, context).
+        """Raw logits per window, (W,) and (W, L).
 
         Identical windows (the boilerplate sentences letters repeat: 23% of the sentence windows of the
         shared letters' rationales) are run once. Batches are length-sorted and trimmed (dynamic padding).
+        `forward`: another backend's forward (the ONNX session's), same inputs and outputs as `IMRNet`.
         """
         n, n_labels = len(windows), len(self.label_names)
-        heads = 1 if self.net.context_head is None else 2
         lengths = windows.attention_mask.sum(dim=1)
         unique, inverse = _unique_windows(windows.input_ids, lengths)
-        out_o = np.zeros((len(unique), heads), dtype=np.float32)
+        out_o = np.zeros(len(unique), dtype=np.float32)
         out_g = np.zeros((len(unique), n_labels), dtype=np.float32)
         order = unique[torch.argsort(lengths[unique], descending=True, stable=True)]
         slot = torch.empty(n, dtype=torch.long)
@@ -485,31 +329,18 @@ class IMRClassifier:
             else:
                 o, g = forward(ids.numpy(), mask.numpy())
             rows = slot[idx].numpy()
-            out_o[rows] = np.asarray(o, dtype=np.float32).reshape(len(idx), heads)
+            out_o[rows] = np.asarray(o, dtype=np.float32).reshape(len(idx))
             out_g[rows] = np.asarray(g, dtype=np.float32).reshape(len(idx), n_labels)
-        return (out_o[inverse, 0] if heads == 1 else out_o[inverse]), out_g[inverse]
+        return out_o[inverse], out_g[inverse]
 
     def pool(
-        self, outcome_logits: np.ndarray, guideline_logits: np.ndarray, item_ids: np.ndarray, n_items: int,
-        segments: np.ndarray | None = None,
+        self, outcome_logits: np.ndarray, guideline_logits: np.ndarray, item_ids: np.ndarray, n_items: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Window logits → item logits (N,), (N, L) with the configured poolings (outcome, guidelines).
-
-        With a context head, `segments` (W,) tells the main windows (0), pooled as configured, from the
-        context windows (1), whose context-head logits are pooled with `last` and added to the outcome.
-        """
+        """Window logits → item logits (N,), (N, L): `model.pooling` for the outcome, mean for the guidelines."""
         ids = torch.as_tensor(np.asarray(item_ids), dtype=torch.long)
         o = torch.as_tensor(np.asarray(outcome_logits, dtype=np.float32))
         g = torch.as_tensor(np.asarray(guideline_logits, dtype=np.float32))
-        if self.net.context_head is None:
-            o_item = pool_logits(o, ids, n_items, self.config.pooling)
-            return o_item.numpy(), pool_logits(g, ids, n_items, self.config.guideline_pool).numpy()
-        if segments is None:
-            raise ValueError("a model with model.context_view needs the windows' segments to pool")
-        main = torch.as_tensor(np.asarray(segments)) == 0
-        o_item = pool_logits(o[main, 0], ids[main], n_items, self.config.pooling)
-        o_item = o_item + pool_logits(o[~main, 1], ids[~main], n_items, "last")
-        return o_item.numpy(), pool_logits(g[main], ids[main], n_items, self.config.guideline_pool).numpy()
+        return pool(o, ids, n_items, self.config.pooling).numpy(), pool(g, ids, n_items, GUIDELINE_POOLING).numpy()
 
     def predict_logits(
         self, texts: Sequence[str], batch_size: int = 32, forward: ForwardFn | None = None
@@ -523,7 +354,7 @@ class IMRClassifier:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Uncalibrated item logits of `texts` from their already-made `windows` (pooled + item-level terms)."""
         o, g = self.forward_windows(windows, batch_size=batch_size, forward=forward)
-        o, g = self.pool(o, g, windows.item_ids.numpy(), len(texts), windows.segments.numpy())
+        o, g = self.pool(o, g, windows.item_ids.numpy(), len(texts))
         o_term, g_term = self.item_term_logits(texts)
         return o + o_term, g + g_term
 
@@ -532,10 +363,9 @@ class IMRClassifier:
         cues and TF-IDF; zeros without them.
 
         Both backends add them here, after pooling. Attributions give the evidence term to the words it
-        matched (attribution.add_evidence_scores); the guideline terms are not attributed. They read the
-        main view only (`views.main_text`).
+        matched (attribution.add_evidence_scores); the guideline terms are not attributed.
         """
-        texts = [main_text(t) for t in texts]
+        texts = list(texts)
         o = np.zeros(len(texts), dtype=np.float32)
         if self.net.outcome_cues is not None:
             o += evidence_matrix(texts) @ self.net.outcome_cues.weight.detach().cpu().numpy()[0]
@@ -552,26 +382,129 @@ class IMRClassifier:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated P(Overturned) (N,) and guideline probabilities (N, L) in `label_names` order."""
         o, g = self.predict_logits(texts, batch_size=batch_size, forward=forward)
-        return self.calibrate(o, g)
+        return self.probabilities(o, g)
 
-    def calibrate(self, outcome_logits: np.ndarray, guideline_logits: np.ndarray, *,
+    def probabilities(self, outcome_logits: np.ndarray, guideline_logits: np.ndarray, *,
                   bounded: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """Item logits → probabilities (float64): σ(outcome / T) and σ(guidelines), mapped into [0.001, 0.999]
         by `calibration.bounded_sigmoid` (strictly increasing: rankings unchanged).
 
         `bounded=False` gives the calibrated probabilities before that map (what the threshold rules are fitted
-        on; `calibration.calibrate`). NaN logits raise ValueError.
+        on). NaN logits raise ValueError.
         """
         o = np.asarray(outcome_logits, dtype=np.float64) / _check_temperature(self.temperature)
         g = np.asarray(guideline_logits, dtype=np.float64)
         if bounded:
             return np.asarray(bounded_sigmoid(o)), np.asarray(bounded_sigmoid(g))
-        from scipy.special import expit
-
         for name, x in (("outcome", o), ("guideline", g)):
             if np.isnan(x).any():
                 raise ValueError(f"{int(np.isnan(x).sum())} {name} logits are NaN; no probability can be given for them")
         return expit(o), expit(g)
+
+    # ----------------------------------------------------------------------------- fitting
+    def window_vectors(self, windows: Windows, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The heads' inputs for every window, computed once: attention-pooled (W, H) (outcome head) and
+        mean-pooled (W, H) (guideline head) encoder states, in eval mode."""
+        n = len(windows)
+        hidden = int(self.net.encoder.config.hidden_size)
+        attended, mean = torch.zeros(n, hidden), torch.zeros(n, hidden)
+        lengths = windows.attention_mask.sum(dim=1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        self.net.eval()
+        with torch.no_grad():
+            for b in range(0, n, batch_size):
+                idx = order[b : b + batch_size]
+                t = max(1, int(lengths[idx].max()))
+                attended[idx], mean[idx] = self.net.encode(windows.input_ids[idx, :t].to(self.device),
+                                                           windows.attention_mask[idx, :t].to(self.device))  # fmt: skip
+        return attended, mean
+
+    def fit_heads(self, texts: Sequence[str], windows: Windows, y: np.ndarray, Y: np.ndarray, groups: np.ndarray, *,
+                  refit_outcome: bool, decoding: str = "one_basis", seed: int = 0, batch_size: int = 32,
+                  vectors: tuple[torch.Tensor, torch.Tensor] | None = None) -> np.ndarray | None:  # fmt: skip
+        """Fit the guideline head (and its cue / TF-IDF terms) and, with `refit_outcome`, the outcome head (and its
+        evidence-cue term) as logistic regressions on the encoder's pooled window vectors (`imr_model.heads`).
+
+        `windows` are `make_windows(texts)`; `groups` the letter of each item (grouped inner folds); `decoding`
+        `one_basis` or `independent` (`train.guideline_decoding`); `vectors` the cached `window_vectors`.
+        What was chosen goes to `metrics` (`guideline_head_refit`, `outcome_head_refit`). Returns the outcome
+        head's grouped out-of-fold logits (None without `refit_outcome` or without folds).
+        """
+        texts = _check_texts(texts)
+        attended, mean = vectors if vectors is not None else self.window_vectors(windows, batch_size)
+        ids, n = windows.item_ids, len(texts)
+        groups = np.asarray(groups)
+        self._fit_guideline_head(texts, pool(mean.double(), ids, n, GUIDELINE_POOLING).numpy(), np.asarray(Y),
+                                 groups, decoding, seed)  # fmt: skip
+        if not refit_outcome:
+            return None
+        return self._fit_outcome_head(texts, pool(attended.double(), ids, n, self.config.pooling).numpy(),
+                                      np.asarray(y), groups)  # fmt: skip
+
+    def _fit_guideline_head(self, texts: list[str], pooled: np.ndarray, Y: np.ndarray, groups: np.ndarray,
+                            decoding: str, seed: int) -> None:  # fmt: skip
+        basis = decision_basis_columns(self.label_names) if decoding == "one_basis" else []
+        fit = heads.fit_guideline(
+            pooled, Y, groups, seed=seed, basis=basis,
+            cues=cue_matrix(texts) if self.net.guideline_cues is not None else None,
+            tfidf=self.tfidf.transform(texts) if self.tfidf is not None else None,
+            label_cues=label_cue_columns(self.label_names) if self.net.guideline_cues is not None else (),
+        )  # fmt: skip
+        t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
+        with torch.no_grad():
+            self.net.guideline_head.weight.copy_(t(fit.weight))
+            self.net.guideline_head.bias.copy_(t(fit.bias / bias_multiplicity(GUIDELINE_POOLING)))
+            if fit.cue_weight is not None:
+                self.net.guideline_cues.weight.copy_(t(fit.cue_weight))
+            if fit.tfidf_weight is not None:
+                self.net.guideline_tfidf.weight.copy_(t(fit.tfidf_weight))
+        self.set_guideline_decoding(basis, fit.basis_extra)
+        self.guideline_thresholds = np.full(len(self.label_names), bound_probability(0.5))  # balanced: 0.5
+        info = dict(fit.info, cue_prior={self.label_names[j]: v for j, v in fit.info["cue_prior"].items()})
+        self.metrics["guideline_head_refit"] = info
+
+    def _fit_outcome_head(self, texts: list[str], pooled: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray | None:
+        evidence = evidence_matrix(texts).astype(np.float64) if self.net.outcome_cues is not None else None
+        fit = heads.fit_outcome(pooled, y, groups, evidence)
+        with torch.no_grad():
+            self.net.outcome_head.weight.copy_(torch.as_tensor(fit.weight, dtype=torch.float32).view(1, -1))
+            self.net.outcome_head.bias.fill_(fit.bias / bias_multiplicity(self.config.pooling))
+            if fit.evidence_weight is not None:
+                self.net.outcome_cues.weight.copy_(torch.as_tensor(fit.evidence_weight, dtype=torch.float32).view(1, -1))
+        info = dict(fit.info)
+        if fit.evidence_weight is not None:  # logit change per unit of each cue (per log(1 + matches); per log(words))
+            info["evidence_weights"] = {name: round(float(x), 4)
+                                        for name, x in zip(self.config.outcome_cue_names, fit.evidence_weight)}  # fmt: skip
+        self.metrics["outcome_head_refit"] = info
+        return fit.oof
+
+    PROVENANCE_FIELDS = ("backbone", "version", "data_digest", "data_source", "package_version")
+
+    def set_provenance(self, **fields: str) -> None:
+        """Record where the model came from in its config (`PROVENANCE_FIELDS` only: nothing that changes the network)."""
+        unknown = sorted(set(fields) - set(self.PROVENANCE_FIELDS))
+        if unknown:
+            raise ValueError(f"not provenance fields: {unknown}; valid: {list(self.PROVENANCE_FIELDS)}")
+        self.config = self.config.model_copy(update=fields)
+
+    def shift_outcome_bias(self, delta: float) -> None:
+        """Add `delta` to the outcome logit (fine-tuning undoes the log(pos_weight) its weighted loss taught)."""
+        with torch.no_grad():
+            self.net.outcome_head.bias += delta / bias_multiplicity(self.config.pooling)
+
+    def fit_calibration(self, outcome_logits: np.ndarray, y: np.ndarray, *, on: str) -> None:
+        """Temperature (NLL against Platt's targets) and outcome threshold (half the best F1) from held-out
+        outcome logits: validation items' (recipe finetune) or grouped out-of-fold ones (probe). The rule sees
+        the calibrated probabilities; the threshold kept is on the output scale (`calibration.bound_probability`).
+        `on` says which items, for `metrics["calibrated_on"]`."""
+        o = np.asarray(outcome_logits, dtype=np.float64)
+        if np.isnan(o).any():
+            raise ValueError(f"{int(np.isnan(o).sum())} of {len(o)} held-out outcome logits are NaN: too few items of "
+                             "each outcome to calibrate on; train on more letters")  # fmt: skip
+        self.temperature = fit_temperature(o, y)
+        p, _ = self.probabilities(o, np.zeros((len(o), 0)), bounded=False)
+        self.outcome_threshold = bound_probability(half_max_f1_threshold(y, p))
+        self.metrics["calibrated_on"] = on
 
     def set_guideline_decoding(self, basis: Sequence[int], basis_extra: float | None) -> None:
         """Keep the guideline decoding `calibration.fit_basis_extra` chose: one decision basis per item over the
@@ -595,7 +528,7 @@ class IMRClassifier:
 
     def decide(self, p_overturned: np.ndarray, guideline_probs: np.ndarray) -> tuple[list[str], list[list[str]]]:
         """Probabilities → outcome names and predicted label sets, using the fitted thresholds."""
-        upheld, overturned = self.config.outcome_labels
+        upheld, overturned = UPHELD, OVERTURNED  # model.outcome_labels was retired (#20)
         p_overturned = np.asarray(p_overturned, dtype=np.float64)
         if np.isnan(p_overturned).any():  # NaN >= threshold is False: it would read as a confident "Upheld"
             raise ValueError(f"{int(np.isnan(p_overturned).sum())} outcome probabilities are NaN; no decision can be made")
@@ -634,8 +567,6 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
 
 def _taxonomy_record(label_names: list[str]) -> dict:
     """The taxonomy (version, labels, descriptions) the guideline head was trained on."""
-    from imr_model.taxonomy import load_taxonomy
-
     record = load_taxonomy().to_dict()
     return record if record.get("labels") == label_names else {"labels": label_names}
 
@@ -742,9 +673,6 @@ def _verify_digests(path: Path, digests, required: Sequence[str]) -> dict[str, s
 # ----------------------------------------------------------------------------- load checks
 def _load_tokenizer(path: Path, encoder_config: dict):
     """The directory's fast tokenizer, by transformers' own class named in tokenizer_config.json, no code run."""
-    from transformers import PreTrainedTokenizerBase
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
-
     file = path / TOKENIZER_CONFIG_FILE
     record = _read_model_json(path, TOKENIZER_CONFIG_FILE)
     if "auto_map" in record:

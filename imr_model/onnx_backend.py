@@ -28,7 +28,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from imr_model.examples import example_records
 from imr_model.extras import require
+from imr_model.modeling import CONFIG_FILE, WEIGHTS_FILE
+from imr_model.views import text_view
 
 FEATURE = "--backend onnx"
 EXTRA_MODULES = ("onnx", "onnxruntime", "onnxscript")
@@ -48,8 +51,6 @@ def require_onnx() -> None:
 
 def cache_dir(model_dir: Path) -> Path:
     """Per-model cache folder, keyed by a digest of the weights and config."""
-    from imr_model.modeling import CONFIG_FILE, WEIGHTS_FILE
-
     h = hashlib.sha256()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         with (model_dir / name).open("rb") as fh:
@@ -175,11 +176,8 @@ def int8_check(classifier, forward: OnnxForward, path: Path) -> dict:
         cached = json.loads(path.read_text(encoding="utf-8"))
         if cached.get("onnx_file") == forward.path.name:
             return cached
-    from imr_model.examples import example_records
-    from imr_model.views import model_input
-
     records = example_records()
-    texts = [model_input(r, classifier.config.text_view, classifier.config.context_view) for r in records]
+    texts = [text_view(r, classifier.config.text_view) for r in records]
     p_torch, _ = classifier.predict_proba(texts)
     p_onnx, _ = classifier.predict_proba(texts, forward=forward)
     result = {"onnx_file": forward.path.name, "n": len(texts), "max_abs_dp": float(np.max(np.abs(p_torch - p_onnx)))}

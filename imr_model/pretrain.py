@@ -6,7 +6,7 @@ perplexity on their blocks is measured with one fixed set of masks, so the numbe
 
 all-MiniLM-L6-v2 ships without its masked-LM head, so the head starts random and perplexity with a
 random head says nothing about the encoder. The run therefore first fits the head on the frozen
-encoder (`head_warmup_steps`) and reports that as "before"; "after" is the same head and encoder
+encoder (`HEAD_WARMUP_STEPS`) and reports that as "before"; "after" is the same head and encoder
 after training both. The output directory (encoder + MLM head + tokenizer + `pretrain_report.json`)
 can be given as `model.backbone`; `AutoModel` loads the encoder from it and ignores the head.
 """
@@ -24,9 +24,13 @@ import numpy as np
 import torch
 
 from imr_model.config import TrainConfig, hub_offline, resolve_backbone
-from imr_model.modeling import quiet_transformers
+from imr_model.network import quiet_transformers
 from imr_model.progress import progress_bar
 from imr_model.training import seed_everything
+
+HEAD_WARMUP_STEPS = 60  # fit the (new) MLM head on the frozen encoder first
+MLM_PROBABILITY = 0.15  # BERT's masking rate
+HELD_OUT = 0.1  # fraction of letters kept for perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +115,7 @@ def _train(model, data: torch.Tensor, tokenizer, cfg: TrainConfig, steps: int | 
             for b in range(0, len(order), p.batch_size):
                 if done >= total:
                     break
-                inputs, labels = mask_tokens(data[order[b : b + p.batch_size]], tokenizer, p.mlm_probability, gen)
+                inputs, labels = mask_tokens(data[order[b : b + p.batch_size]], tokenizer, MLM_PROBABILITY, gen)
                 loss = model(input_ids=inputs, attention_mask=(inputs != tokenizer.pad_token_id).long(), labels=labels).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -156,19 +160,19 @@ def run_pretrain(cfg: TrainConfig, records: Sequence[dict], output: str | Path, 
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=hub_offline(), trust_remote_code=False)
     model = _masked_lm(cfg, source)
     by_letter = letter_texts(records)
-    train_letters, held_letters = split_letters(sorted(by_letter), cfg.pretrain.held_out, cfg.seed)
+    train_letters, held_letters = split_letters(sorted(by_letter), HELD_OUT, cfg.seed)
     train_blocks = blocks(tokenizer, [t for k in train_letters for t in by_letter[k]], cfg.pretrain.max_length)
     held_blocks = blocks(tokenizer, [t for k in held_letters for t in by_letter[k]], cfg.pretrain.max_length)
     eval_gen = torch.Generator().manual_seed(cfg.seed + 99)  # the same masks for every measurement
-    eval_batches = [mask_tokens(held_blocks[i : i + 32], tokenizer, cfg.pretrain.mlm_probability, eval_gen)
+    eval_batches = [mask_tokens(held_blocks[i : i + 32], tokenizer, MLM_PROBABILITY, eval_gen)
                     for i in range(0, len(held_blocks), 32)]  # fmt: skip
     start = time.perf_counter()
     report = {"backbone": cfg.model.backbone, "letters": {"train": len(train_letters), "held_out": len(held_letters)},
               "blocks": {"train": len(train_blocks), "held_out": len(held_blocks)}, "settings": cfg.pretrain.model_dump()}  # fmt: skip
     report["perplexity_initial_head"] = perplexity(model, eval_batches, tokenizer.pad_token_id)
     head = [p for n, p in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")]
-    if cfg.pretrain.head_warmup_steps:
-        _train(model, train_blocks, tokenizer, cfg, cfg.pretrain.head_warmup_steps, head, "MLM head warm-up", quiet)
+    if HEAD_WARMUP_STEPS:
+        _train(model, train_blocks, tokenizer, cfg, HEAD_WARMUP_STEPS, head, "MLM head warm-up", quiet)
     report["perplexity_before"] = perplexity(model, eval_batches, tokenizer.pad_token_id)
     steps = _train(model, train_blocks, tokenizer, cfg, None, list(model.parameters()), "MLM pretraining", quiet)
     report["perplexity_after"] = perplexity(model, eval_batches, tokenizer.pad_token_id)
@@ -189,3 +193,4 @@ def backbone_report(backbone: str) -> dict | None:
     except ValueError:
         return None
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+

@@ -21,21 +21,23 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from imr_model import familiarity
+from imr_model.modeling import IMRClassifier
+from imr_model.views import text_view
+
 MODEL_DIR_ARTIFACT = "model_dir"
 INPUT_COLUMNS = ("request", "rationale", "case_summary", "text")
 OUTPUT_COLUMNS = ("outcome", "p_overturned", "guideline_labels", "guidelines", "warnings")
 
 
-def frame_to_texts(frame: pd.DataFrame, view: str, context_view: str | None = None) -> list[str]:
-    """Model-input texts for each row: `text` when given (a ready model input, `views.model_input`), else the
-    item fields in the model's view (and context view)."""
-    return [text for text, _ in _frame_inputs(frame, view, context_view)]
+def frame_to_texts(frame: pd.DataFrame, view: str) -> list[str]:
+    """Model-input texts for each row: `text` when given (a ready model input), else the item fields in the
+    model's view (`views.text_view`)."""
+    return [text for text, _ in _frame_inputs(frame, view)]
 
 
-def _frame_inputs(frame: pd.DataFrame, view: str, context_view: str | None) -> list[tuple[str, dict]]:
+def _frame_inputs(frame: pd.DataFrame, view: str) -> list[tuple[str, dict]]:
     """(model-input text, item record) of each row; the record holds the row's fields as strings."""
-    from imr_model.views import model_input
-
     unknown = [c for c in frame.columns if c not in INPUT_COLUMNS]
     usable = [c for c in frame.columns if c in INPUT_COLUMNS]
     if not usable:
@@ -48,7 +50,7 @@ def _frame_inputs(frame: pd.DataFrame, view: str, context_view: str | None) -> l
         record = {k: ("" if row.get(k) is None or (isinstance(row.get(k), float) and pd.isna(row.get(k))) else str(row[k]))
                   for k in INPUT_COLUMNS}  # fmt: skip
         ready = row.get("text")
-        out.append((ready if isinstance(ready, str) and ready.strip() else model_input(record, view, context_view), record))
+        out.append((ready if isinstance(ready, str) and ready.strip() else text_view(record, view), record))
     return out
 
 
@@ -56,11 +58,8 @@ class IMRPyfuncModel(PythonModel):
     """Item rows in, one prediction row per item out."""
 
     def load_context(self, context) -> None:
-        from imr_model.familiarity import load_profile
-        from imr_model.modeling import IMRClassifier
-
         self.classifier = IMRClassifier.from_pretrained(context.artifacts[MODEL_DIR_ARTIFACT])
-        self.profile = load_profile(context.artifacts[MODEL_DIR_ARTIFACT])
+        self.profile = familiarity.load_profile(context.artifacts[MODEL_DIR_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame):
@@ -69,12 +68,10 @@ class IMRPyfuncModel(PythonModel):
         batch_size = int((params or {}).get("batch_size", 32))
         if not 1 <= batch_size <= 4096:
             raise ValueError(f"params.batch_size must be in 1..4096, got {batch_size}")
-        inputs = _frame_inputs(model_input, clf.config.text_view, clf.config.context_view)
+        inputs = _frame_inputs(model_input, clf.config.text_view)
         texts, records = [t for t, _ in inputs], [r for _, r in inputs]
         if (params or {}).get("parsed_letters"):  # the caller built these rows from parsed letters (the Spark engine)
-            from imr_model.familiarity import LETTER_RECORD_FIELDS
-
-            records = [{**dict.fromkeys(LETTER_RECORD_FIELDS), **r} for r in records]
+            records = [{**dict.fromkeys(familiarity.LETTER_RECORD_FIELDS), **r} for r in records]
         p, P, warnings = predict_with_warnings(clf, getattr(self, "profile", None), records, texts, batch_size)
         outcomes, labels = clf.decide(p, P)
         return pd.DataFrame(
@@ -91,12 +88,10 @@ class IMRPyfuncModel(PythonModel):
 
 def predict_with_warnings(clf, profile, records: list[dict], texts: list[str], batch_size: int = 32):
     """`clf.predict_proba(texts)` and each item's warnings (`familiarity.check`), from one forward pass."""
-    from imr_model import familiarity
-
     windows = clf.make_windows(texts)
     with familiarity.capture_window_vectors(clf) if profile is not None else nullcontext() as cap:
         o, g = clf.window_item_logits(windows, texts, batch_size=batch_size)
-    p, P = clf.calibrate(o, g)
+    p, P = clf.probabilities(o, g)
     vectors = None if cap is None else familiarity.item_vectors(windows, cap.window_vectors(windows), len(texts))
     return p, P, familiarity.check(records, texts, profile, vectors)
 

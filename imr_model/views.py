@@ -7,11 +7,6 @@ Views (`text_view(record, view)`):
   adjacent masked sentences becomes one token, so the mask count does not hint at the outcome).
 * ``forecast``: ``Request: <request>`` and ``Case summary: <summary>`` only; nothing the reviewer wrote.
 
-A model may also read a *context* view (`model.context_view`, e.g. ``forecast`` beside
-``rationale_masked``): its input is then the main view, `CONTEXT_SEPARATOR`, and the context view, in
-one text (`model_input`), so every caller (predict, batch scoring, serving, Spark, attributions) keeps
-passing one text per item. `split_context` finds the two parts again.
-
 Masking rule (`mask_conclusions`). The text is split into sentences at ``.``, ``!`` or ``?`` followed
 by whitespace and an upper-case letter, digit, quote or bracket, except after common abbreviations
 (e.g., i.e., Dr., vs., No., ...) and single-letter initials. A sentence is a verdict and is masked when
@@ -42,8 +37,6 @@ from typing import Mapping
 
 VIEWS = ("rationale", "rationale_masked", "forecast")
 MASK_TOKEN = "[MASK]"
-#: Joins the main view and the context view in a model input (`model_input`); never tokenized.
-CONTEXT_SEPARATOR = "\n\n[CONTEXT]\n"
 
 _ABBREV = {"e.g", "i.e", "dr", "mr", "mrs", "ms", "vs", "no", "nos", "approx", "etc", "al", "fig", "pg", "pp", "ed",
            "st", "jr", "inc", "dept", "u.s", "min", "max", "hr", "hrs"}  # fmt: skip
@@ -132,23 +125,3 @@ def text_view(record: Mapping, view: str) -> str:
         return mask_conclusions(str(record.get("rationale") or ""))[0]
     request, summary = str(record.get("request") or "").strip(), str(record.get("case_summary") or "").strip()
     return f"Request: {request}\nCase summary: {summary}" if summary else f"Request: {request}"
-
-
-def model_input(record: Mapping, view: str, context_view: str | None = None) -> str:
-    """The model input of one item record: `text_view(record, view)`, plus the context view after
-    `CONTEXT_SEPARATOR` when the model reads one (`model.context_view`)."""
-    text = text_view(record, view)
-    if context_view is None:
-        return text
-    return text.replace(CONTEXT_SEPARATOR, " ") + CONTEXT_SEPARATOR + text_view(record, context_view)
-
-
-def split_context(text: str) -> tuple[int, int | None]:
-    """(end of the main part, start of the context part or None) of a model input (`model_input`)."""
-    at = text.find(CONTEXT_SEPARATOR)
-    return (len(text), None) if at < 0 else (at, at + len(CONTEXT_SEPARATOR))
-
-
-def main_text(text: str | None) -> str:
-    """The main view of a model input: the text before `CONTEXT_SEPARATOR` (all of it when there is none)."""
-    return "" if text is None else text[: split_context(text)[0]]

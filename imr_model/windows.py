@@ -8,11 +8,6 @@ windows keep a verdict ("... is not medically necessary.") from being diluted by
 long rationale: frozen MiniLM separates Upheld from Overturned perfectly from the last sentence
 alone on the shared letters, but only at AUROC ~0.85 from the mean over the whole rationale.
 Offsets always index the original text, so attributions map back to it.
-
-With `context=True` (a model with `model.context_view`) each text is a model input of two parts
-(`views.model_input`): the main view and, after `views.CONTEXT_SEPARATOR`, the context view. Each
-part is windowed on its own (the separator is never tokenized) and every window records its part in
-`Windows.segments` (0 main, 1 context).
 """
 
 from __future__ import annotations
@@ -36,11 +31,6 @@ class Windows:
     attention_mask: torch.LongTensor  # (W, T)
     item_ids: torch.LongTensor  # (W,) index of the source text
     offsets: torch.LongTensor  # (W, T, 2) char offsets into the source text; (0, 0) for special/pad
-    segments: torch.LongTensor | None = None  # (W,) 0 = main view, 1 = context view; None = all main
-
-    def __post_init__(self) -> None:
-        if self.segments is None:
-            self.segments = torch.zeros(len(self.item_ids), dtype=torch.long)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -60,7 +50,6 @@ class Windows:
             attention_mask=self.attention_mask[keep, :length],
             item_ids=new_ids[order],
             offsets=self.offsets[keep, :length],
-            segments=self.segments[keep],
         )
 
 
@@ -80,40 +69,23 @@ def sentence_spans(text: str, min_chars: int = MIN_SENTENCE_CHARS) -> list[tuple
     return spans
 
 
-def _parts(texts: list[str], context: bool) -> list[tuple[int, int, int, int]]:
-    """(text index, segment, start, end) of each part to window: the whole text, or its main and context parts."""
-    from imr_model.views import split_context
-
-    if not context:
-        return [(i, 0, 0, len(t)) for i, t in enumerate(texts)]
-    out = []
-    for i, t in enumerate(texts):
-        end, start = split_context(t)
-        if start is None or not t[start:].strip():
-            raise ValueError(f"text {i} has no context part: a model with model.context_view reads inputs made by "
-                             "imr_model.views.model_input (main view, CONTEXT_SEPARATOR, context view)")  # fmt: skip
-        out += [(i, 0, 0, end), (i, 1, start, len(t))]
-    return out
-
-
 def make_windows(tokenizer, texts: list[str], *, max_length: int, stride: int, max_windows: int,
-                 unit: str = "tokens", context: bool = False) -> Windows:  # fmt: skip
-    """Windows of `texts` (see the module docstring); at most `max_windows` per text and part (head and tail kept)."""
+                 unit: str = "tokens") -> Windows:  # fmt: skip
+    """Windows of `texts` (see the module docstring); at most `max_windows` per text (head and tail kept)."""
     if not texts:
         empty = torch.zeros((0, 1), dtype=torch.long)
         return Windows(empty, empty.clone(), torch.zeros(0, dtype=torch.long), torch.zeros((0, 1, 2), dtype=torch.long))
     if unit not in ("sentences", "tokens"):
         raise ValueError(f"unknown window unit {unit!r}; valid: tokens, sentences")
-    pieces, segment_of = [], []  # (text index, start, end) in the text; the part's segment
-    for i, seg, a, b in _parts(texts, context):
-        spans = [(a + s, a + e) for s, e in sentence_spans(texts[i][a:b])] if unit == "sentences" else [(a, b)]
+    pieces = []  # (text index, start, end) in the text
+    for i, text in enumerate(texts):
+        spans = sentence_spans(text) if unit == "sentences" else [(0, len(text))]
         pieces += [(i, s, e) for s, e in spans]
-        segment_of += [seg] * len(spans)
     enc = tokenizer([texts[i][a:b] for i, a, b in pieces], truncation=True, max_length=max_length, stride=stride,
                     return_overflowing_tokens=True, return_offsets_mapping=True, padding=False)  # fmt: skip
     sources = list(enc["overflow_to_sample_mapping"])
     owners = [pieces[p][0] for p in sources]
-    keep = _cap_windows([(pieces[p][0], segment_of[p]) for p in sources], max_windows)
+    keep = _cap_windows(owners, max_windows)
     width = max(len(enc["input_ids"][i]) for i in keep)
     input_ids = torch.full((len(keep), width), tokenizer.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros((len(keep), width), dtype=torch.long)
@@ -126,12 +98,11 @@ def make_windows(tokenizer, texts: list[str], *, max_length: int, stride: int, m
         real = off[:, 1] > 0  # special tokens stay (0, 0); real ones shift to the piece's place in the text
         off[real] += pieces[sources[i]][1]
         offsets[row, :n] = off
-    return Windows(input_ids, mask, torch.tensor([owners[i] for i in keep], dtype=torch.long), offsets,
-                   torch.tensor([segment_of[sources[i]] for i in keep], dtype=torch.long))  # fmt: skip
+    return Windows(input_ids, mask, torch.tensor([owners[i] for i in keep], dtype=torch.long), offsets)
 
 
 def _cap_windows(owners: list, max_windows: int) -> list[int]:
-    """Indices of windows to keep: at most `max_windows` per owner (text, or text and part), the head and the tail ones.
+    """Indices of windows to keep: at most `max_windows` per owner text, the head and the tail ones.
 
     Verdicts tend to close a rationale and requests open a summary, so the middle goes first.
     """

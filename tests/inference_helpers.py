@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from imr_model.config import ModelConfig
-from imr_model.modeling import IMRClassifier, pool_logits
+from imr_model.modeling import IMRClassifier
+from imr_model.pooling import pool
 
 LABELS = ["odg_pain", "mtus_chronic_pain", "acoem"]
 PLANTED = "zorbulax"  # not an English word: the tokenizer splits it into several sub-words
@@ -32,7 +33,10 @@ def tiny_config(**overrides) -> ModelConfig:
         encoder_overrides=dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64),
         max_length=64,
         stride=16,
-        dropout=0.0,
+        window_unit="tokens",
+        pooling="mean",
+        guideline_cues=False,
+        guideline_tfidf=False,
     )
     base.update(overrides)
     return ModelConfig(**base)
@@ -68,6 +72,7 @@ def train_planted(path: Path, *, steps: int = 150, seed: int = 0, **config) -> P
     texts, y = planted_texts(256, seed=seed)
     windows = clf.make_windows(texts)
     net = clf.net.train()
+    net.dropout.p = 0.0  # the heads' dropout off: a deterministic planted model
     # A gentle rate keeps logits moderate: a saturated model makes the integral hard to approximate.
     opt = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
@@ -76,7 +81,7 @@ def train_planted(path: Path, *, steps: int = 150, seed: int = 0, **config) -> P
         items = torch.randperm(len(texts), generator=gen)[:32].tolist()
         win = windows.select(items)
         o, g = net(win.input_ids, win.attention_mask)
-        logits = pool_logits(o, win.item_ids, len(items), clf.config.pooling)
+        logits = pool(o, win.item_ids, len(items), clf.config.pooling)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y_t[items])
         opt.zero_grad()
         loss.backward()

@@ -9,13 +9,10 @@ import pytest
 from sklearn import metrics as skm
 
 from imr_model.calibration import (
-    best_f1_threshold,
     binary_nll,
     decide_labels,
     fit_basis_extra,
-    fit_label_thresholds,
     fit_temperature,
-    fit_threshold,
     half_max_f1_threshold,
 )
 from imr_model.metrics import (
@@ -107,22 +104,6 @@ def test_temperature_defaults_to_one_without_both_classes():
     assert fit_temperature([1.0, 2.0], [0, 0]) == 1.0
 
 
-def test_best_f1_threshold_separates_perfectly():
-    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.8])
-    y = np.array([0, 0, 0, 1, 1])
-    t = best_f1_threshold(y, scores)
-    assert 0.3 < t <= 0.6
-    assert skm.f1_score(y, scores >= t) == 1.0
-    assert best_f1_threshold([0, 0], [0.2, 0.9]) == 0.5
-
-
-def test_label_thresholds_shape_and_default():
-    yt = np.array([[1, 0], [0, 0], [1, 0]])
-    pr = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
-    thr = fit_label_thresholds(yt, pr)
-    assert thr.shape == (2,) and 0.2 < thr[0] <= 0.7 and thr[1] == 0.5
-
-
 def test_table_has_a_row_per_model():
     rows = {"majority": summary_row(outcome_metrics(Y, np.full(10, 0.3)), None),
             "tfidf": summary_row(outcome_metrics(Y, P), {"micro_f1": 0.5, "macro_f1": 0.25})}
@@ -137,10 +118,7 @@ def test_half_max_f1_threshold_and_rules():
     assert half_max_f1_threshold(y, s) == pytest.approx(0.5)  # best F1 is 1.0
     noisy = np.array([0.1, 0.7, 0.3, 0.6, 0.8])  # best F1 = 0.8 (3 predicted, 2 right)
     assert half_max_f1_threshold(y, noisy) == pytest.approx(0.4)
-    assert fit_threshold(y, s, "best_f1") == pytest.approx(best_f1_threshold(y, s))
     assert half_max_f1_threshold([0, 0], [0.2, 0.9]) == 0.5
-    with pytest.raises(ValueError, match="valid: half_max_f1, best_f1"):
-        fit_threshold(y, s, "youden")
 
 
 def test_decide_labels_gives_one_basis_label_per_item():

@@ -86,28 +86,3 @@ def test_int8_guard_falls_back_to_fp32_when_int8_moves_probabilities(setup):
     check = json.loads((cache_dir(model_dir) / CHECK_FILE).read_text())
     assert check["n"] > 0 and check["max_abs_dp"] > 0 and check["onnx_file"] == INT8_FILE
     assert strict.path.name == FP32_FILE and lax.path.name == INT8_FILE
-
-
-def test_context_head_exports_and_matches_torch(tmp_path, monkeypatch):
-    """model.context_view: the exported graph gives both outcome heads per window; pooled probabilities agree."""
-    import torch
-
-    from inference_helpers import tiny_model
-    from imr_model.views import model_input
-
-    monkeypatch.setenv("IMR_CACHE_DIR", str(tmp_path / "cache"))
-    model_dir = tiny_model(tmp_path / "m", seed=3, window_unit="sentences", pooling="mean_last", context_view="forecast")
-    clf = IMRClassifier.from_pretrained(model_dir)
-    with torch.no_grad():
-        clf.net.context_head.weight.normal_(0, 1.0)
-    clf.save_pretrained(model_dir)
-    clf = IMRClassifier.from_pretrained(model_dir)
-    records = [{"rationale": "Therapy helped before. The worker improved.", "request": f"Therapy x{i}",
-                "case_summary": "Knee pain since 2015. Utilization review denied therapy."} for i in range(1, 4)]  # fmt: skip
-    texts = [model_input(r, "rationale", "forecast") for r in records]
-    fp32 = OnnxForward(ensure_onnx(clf, model_dir, int8=False))
-    o_t, _ = clf.forward_windows(clf.make_windows(texts))
-    o_x, _ = clf.forward_windows(clf.make_windows(texts), forward=fp32)
-    assert o_t.shape[1] == 2 and np.abs(o_t[:, 1]).max() > 1e-3
-    np.testing.assert_allclose(o_x, o_t, atol=1e-4)
-    np.testing.assert_allclose(clf.predict_proba(texts, forward=fp32)[0], clf.predict_proba(texts)[0], atol=1e-5)

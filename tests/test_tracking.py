@@ -8,7 +8,7 @@ import os
 import pandas as pd
 import pytest
 
-from imr_model import tracking
+from imr_model import registry, tracking
 from imr_model.pyfunc_model import OUTPUT_COLUMNS, frame_to_texts
 
 
@@ -45,7 +45,7 @@ def test_resolve_model_dir_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_register_load_predict_promote(tiny_config, monkeypatch, tmp_path, capfd):
+def test_train_register_load_predict_promote(tiny_config, demo_records, monkeypatch, tmp_path, capfd):
     """The issue's end-to-end check on the tiny config (< 2 minutes)."""
     import mlflow
 
@@ -53,7 +53,7 @@ def test_train_register_load_predict_promote(tiny_config, monkeypatch, tmp_path,
 
     monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) stay in tmp
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
-    first = run_training(tiny_config, None, quiet=True)
+    first = run_training(tiny_config, records=demo_records, quiet=True)
     assert first.version == "1" and first.run_id
     # logging the model validates its input example on a downloaded copy: no "Downloading artifacts"
     # bar in the middle of a training run's output, and the user's environment is left as it was
@@ -78,18 +78,18 @@ def test_train_register_load_predict_promote(tiny_config, monkeypatch, tmp_path,
     assert out["outcome"][0] in ("Upheld", "Overturned") and 0 <= out["p_overturned"][0] <= 1
     assert set(json.loads(out["guidelines"][0])) >= set(out["guideline_labels"][0])
 
-    assert tracking.promote(metric="test_auprc").promoted  # no champion yet
-    second = run_training(tiny_config, None, quiet=True)  # same data + seed → same held-out items
+    assert registry.promote(metric="test_auprc").promoted  # no champion yet
+    second = run_training(tiny_config, records=demo_records, quiet=True)  # same data + seed → same held-out items
     assert second.version == "2"
-    result = tracking.promote(metric="test_auprc")
+    result = registry.promote(metric="test_auprc")
     assert result.promoted and result.candidate_value == pytest.approx(result.champion_value)
     assert str(client.get_model_version_by_alias("imr-classifier", "champion").version) == "2"
 
     # a candidate worse than the champion is not promoted
-    third = run_training(tiny_config, None, quiet=True)
+    third = run_training(tiny_config, records=demo_records, quiet=True)
     client.log_metric(second.run_id, "test_auprc", 1.0)
     client.log_metric(third.run_id, "test_auprc", 0.1)
-    refused = tracking.promote(metric="test_auprc")
+    refused = registry.promote(metric="test_auprc")
     assert not refused.promoted and "worse than" in refused.reason
     assert str(client.get_model_version_by_alias("imr-classifier", "champion").version) == "2"
 

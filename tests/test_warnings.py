@@ -184,7 +184,7 @@ def test_captured_vectors_are_the_encoders_mean_vectors(model_dir, demo_items):
     with fam.capture_window_vectors(clf) as cap:
         o, g = clf.window_item_logits(windows, texts, batch_size=3)
     np.testing.assert_allclose(cap.window_vectors(windows), fam.window_vectors(clf, windows, batch_size=5), atol=1e-5)
-    p, g_p = clf.calibrate(o, g)
+    p, g_p = clf.probabilities(o, g)
     p0, g_p0 = clf.predict_proba(texts, batch_size=3)
     np.testing.assert_array_equal(p, p0)
     np.testing.assert_array_equal(g_p, g_p0)
@@ -298,7 +298,7 @@ def test_pyfunc_output_has_a_warnings_column(profiled, demo_items):
 
 @pytest.mark.slow
 def test_training_fits_and_saves_a_profile(tiny_config, demo_records, label_names, tmp_path):
-    from imr_model.experiment import records_to_split
+    from imr_model.splits import records_to_split
     from imr_model.training import train_classifier
 
     train = records_to_split(demo_records[:60], "rationale", label_names)

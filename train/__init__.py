@@ -1,1 +1,0 @@
-"""Training entrypoints: thin `main(argv)` wrappers over library calls, importable by tests."""
