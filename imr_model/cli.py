@@ -262,9 +262,9 @@ def score(
     attributions: Annotated[bool, typer.Option("--attributions", help="Add word attributions of the outcome logit.")] = False,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass; letters are scored and written atomically "
                                                  "in chunks of about 4x this many items.")] = 32,
-    backend: Annotated[str, typer.Option(help="torch | onnx (int8 ONNX Runtime; extra imr-model[onnx]).")] = "torch",
+    backend: Annotated[str, typer.Option(help="torch | onnx (int8 ONNX Runtime; extra imr-model\\[onnx]).")] = "torch",
     engine: Annotated[str, typer.Option(help="local | spark (mlflow.pyfunc.spark_udf; needs an MLflow model URI; "
-                                                   "extra imr-model[spark]).")] = "local",
+                                                   "extra imr-model\\[spark]).")] = "local",
     n_steps: Annotated[int, typer.Option(help="Integration steps for --attributions.")] = 32,
 ) -> None:
     """Score letters into one row per item (outcome, p_overturned, guidelines); resumable and crash-safe."""
@@ -339,7 +339,7 @@ def serve(
     model: Annotated[Optional[str], typer.Option(help=_MODEL_HELP)] = None,
     host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
-    backend: Annotated[str, typer.Option(help="torch | onnx (extra imr-model[onnx]).")] = "torch",
+    backend: Annotated[str, typer.Option(help="torch | onnx (extra imr-model\\[onnx]).")] = "torch",
     timeout: Annotated[float, typer.Option(help="Per-request deadline in seconds, queueing included (504 beyond; "
                                                 "the worker is killed and replaced).")] = 60.0,
     max_body_mb: Annotated[float, typer.Option(help="Request body limit in MB (413 beyond).")] = 5.0,
@@ -349,7 +349,7 @@ def serve(
     body_timeout: Annotated[float, typer.Option(help="Seconds to receive a request body (408 beyond).")] = 30.0,
     header_timeout: Annotated[float, typer.Option(help="Seconds to receive the request line and headers.")] = 10.0,
 ) -> None:
-    """Serve predictions over HTTP (FastAPI + uvicorn: extra imr-model[serve]); $IMR_API_TOKEN requires a bearer token."""
+    """Serve predictions over HTTP (FastAPI + uvicorn: extra imr-model\\[serve]); $IMR_API_TOKEN requires a bearer token."""
     import gc
 
     from imr_model.inference import clear_cache

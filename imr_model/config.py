@@ -29,36 +29,36 @@ MINILM_ALIASES = (
 )
 #: Keys removed in model-directory format 4 (#20) → what replaces them; named in the error a config using them gets.
 RETIRED_KEYS = {
-    "train.outcome_head": "train.recipe (probe: logistic heads on the frozen encoder; finetune: fine-tuned encoder)",
-    "train.guideline_head": "nothing: the guideline head is always a logistic regression refit after training",
-    "train.fit_on_validation": "train.recipe: probe (which fits on train + validation)",
-    "train.head_epochs": "nothing: the gradient-trained guideline head was retired",
-    "train.head_patience": "nothing: the gradient-trained guideline head was retired",
-    "train.early_stopping_metric": "nothing: fine-tuning stops on the validation outcome loss",
-    "train.threshold_rule": "nothing: the outcome threshold is half the best validation F1",
-    "train.compare_unadapted": "nothing: train once with train.domain_adaptation=false to compare",
-    "train.outcome_head_Cs": "nothing: the grid is imr_model.heads.OUTCOME_CS",
-    "train.guideline_head_Cs": "nothing: the grid is imr_model.heads.GUIDELINE_CS",
-    "train.guideline_cue_prior": "nothing: imr_model.heads.CUE_PRIOR",
-    "train.guideline_cue_prior_support": "nothing: imr_model.heads.CUE_PRIOR_SUPPORT",
-    "train.guideline_head_learning_rate": "nothing: imr_model.finetune.GUIDELINE_HEAD_LR",
-    "train.weight_decay": "nothing: imr_model.finetune.WEIGHT_DECAY",
-    "train.max_grad_norm": "nothing: imr_model.finetune.MAX_GRAD_NORM",
-    "model.guideline_pooling": "nothing: the guideline head always pools with mean",
-    "model.context_view": "nothing: the context view was retired (docs/experiments.md)",
-    "model.context_weight": "nothing: the context view was retired (docs/experiments.md)",
-    "model.freeze_layers": "nothing: retired (no shipped config used it)",
-    "model.freeze_embeddings": "nothing: retired (no shipped config used it)",
-    "model.dropout": "model.encoder_overrides (the heads' dropout is fixed at 0.1)",
-    "model.tfidf_max_features": "baseline.max_features (one TF-IDF vocabulary setting for baseline and model)",
-    "model.tfidf_min_df": "baseline.min_df",
-    "model.outcome_labels": "nothing: the outcomes are always Upheld / Overturned",
-    "data.demo_letters": "--data (make demo letters with `imr data demo`)",
-    "mlflow.register_model": "mlflow.registered_model: null (no registration)",
-    "baseline.class_weight": "nothing: the baseline is always class-balanced",
-    "pretrain.head_warmup_steps": "nothing: imr_model.pretrain.HEAD_WARMUP_STEPS",
-    "pretrain.mlm_probability": "nothing: imr_model.pretrain.MLM_PROBABILITY",
-    "pretrain.held_out": "nothing: imr_model.pretrain.HELD_OUT",
+    "train.outcome_head": "use train.recipe (probe: logistic heads on the frozen encoder; finetune: fine-tuned encoder)",
+    "train.guideline_head": "no setting needed: the guideline head is always refit as logistic regressions",
+    "train.fit_on_validation": "use train.recipe: probe (which fits on train + validation)",
+    "train.head_epochs": "no replacement: the gradient-trained guideline head was retired",
+    "train.head_patience": "no replacement: the gradient-trained guideline head was retired",
+    "train.early_stopping_metric": "no setting needed: fine-tuning stops on the validation outcome loss",
+    "train.threshold_rule": "no setting needed: the outcome threshold is half the best held-out F1",
+    "train.compare_unadapted": "no replacement: train again with train.domain_adaptation=false to compare",
+    "train.outcome_head_Cs": "no setting: the grid is imr_model.heads.OUTCOME_CS",
+    "train.guideline_head_Cs": "no setting: the grid is imr_model.heads.GUIDELINE_CS",
+    "train.guideline_cue_prior": "no setting: imr_model.heads.CUE_PRIOR",
+    "train.guideline_cue_prior_support": "no setting: imr_model.heads.CUE_PRIOR_SUPPORT",
+    "train.guideline_head_learning_rate": "no setting: imr_model.finetune.GUIDELINE_HEAD_LR",
+    "train.weight_decay": "no setting: imr_model.finetune.WEIGHT_DECAY",
+    "train.max_grad_norm": "no setting: imr_model.finetune.MAX_GRAD_NORM",
+    "model.guideline_pooling": "no setting: the guideline head always pools with mean",
+    "model.context_view": "no replacement: the context view was retired (docs/experiments.md)",
+    "model.context_weight": "no replacement: the context view was retired (docs/experiments.md)",
+    "model.freeze_layers": "no replacement: retired (no shipped config used it)",
+    "model.freeze_embeddings": "no replacement: retired (no shipped config used it)",
+    "model.dropout": "use model.encoder_overrides (the heads' dropout is fixed at 0.1)",
+    "model.tfidf_max_features": "use baseline.max_features (one TF-IDF vocabulary setting for baseline and model)",
+    "model.tfidf_min_df": "use baseline.min_df",
+    "model.outcome_labels": "no setting: the outcomes are always Upheld / Overturned",
+    "data.demo_letters": "use --data (make demo letters with `imr data demo`)",
+    "mlflow.register_model": "use mlflow.registered_model: null (no registration)",
+    "baseline.class_weight": "no setting: the baseline is always class-balanced",
+    "pretrain.head_warmup_steps": "no setting: imr_model.pretrain.HEAD_WARMUP_STEPS",
+    "pretrain.mlm_probability": "no setting: imr_model.pretrain.MLM_PROBABILITY",
+    "pretrain.held_out": "no setting: imr_model.pretrain.HELD_OUT",
 }
 
 #: Named configs (`--config tiny`): `imr_model/configs/` in an installed wheel (setup.py's build_py copies the
@@ -327,7 +327,9 @@ def _describe(exc: ValidationError, path: str | Path | None) -> str:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden" and key in RETIRED_KEYS:
-            lines.append(f"{key} was removed (model format 4); use {RETIRED_KEYS[key]}")
+            lines.append(f"{key} was removed (model format 4): {RETIRED_KEYS[key]}")
+        elif key == "train.epochs" and err.get("input") == 0:
+            lines.append("train.epochs: 0 (no fine-tuning) is now train.recipe: probe")
         elif err["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}; valid keys here: {', '.join(_valid_keys(err['loc']))}")
         else:

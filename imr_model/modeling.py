@@ -538,7 +538,7 @@ class IMRClassifier:
         return outcomes, labels
 
 
-def _unique_windows(input_ids: Tensor, lengths: Tensor) -> tuple[Tensor, np.ndarray]:
+def _unique_windows(input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
     """(indices of the first occurrence of each distinct window, position of every window among them)."""
     first: dict[bytes, int] = {}
     inverse = np.empty(len(lengths), dtype=np.int64)

@@ -13,10 +13,11 @@ import os
 import subprocess
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+
+from imr_model.examples import example_records
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CANDIDATE = "candidate"
@@ -192,7 +193,7 @@ def model_signature():
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
-    from imr_model.pyfunc_model import INPUT_COLUMNS
+    from imr_model.pyfunc_model import INPUT_COLUMNS  # deferred: importing pyfunc_model runs mlflow's set_model
 
     inputs = Schema([ColSpec("string", name, required=False) for name in INPUT_COLUMNS])
     outputs = Schema([ColSpec("string", "outcome"), ColSpec("double", "p_overturned"),
@@ -206,8 +207,6 @@ def model_signature():
 def input_example():
     """The logged model's input example: two of the packaged synthetic example items (never real letter text)."""
     import pandas as pd
-
-    from imr_model.examples import example_records
 
     rows = [{k: rec[k] for k in ("request", "rationale", "case_summary")} for rec in example_records()[:2]]
     return pd.DataFrame(rows)
@@ -243,7 +242,7 @@ def log_model(model_dir: str | Path, registered_model: str | None) -> tuple[str,
     """
     import mlflow
 
-    from imr_model import pyfunc_model
+    from imr_model import pyfunc_model  # deferred: importing it runs mlflow's set_model (models-from-code)
 
     with _quiet_artifact_downloads():
         info = mlflow.pyfunc.log_model(

@@ -16,7 +16,7 @@ from imr_model.logs import log_to_stderr
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train/pretrain.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="default", help="YAML path or a name in configs/")
-    parser.add_argument("--data", nargs="+", required=True, help="letters or item tables (labels are not used)")
+    parser.add_argument("--data", nargs="+", action="extend", required=True, help="letters or item tables (labels are not used)")
     parser.add_argument("--output", "-o", default="models/backbone-mlm", help="backbone directory to write")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quiet", action="store_true")

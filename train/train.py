@@ -16,7 +16,7 @@ from imr_model.logs import log_to_stderr
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train/train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="default", help="YAML path or a name in configs/ (default: default)")
-    parser.add_argument("--data", nargs="+", required=True,
+    parser.add_argument("--data", nargs="+", action="extend", required=True,
                         help="letters (PDF/TXT files, folders, globs) or tables (.csv/.jsonl/.parquet)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=3 (repeatable)")
