@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from imr_model import parse_pool
+from imr_model.letters_2013 import parse_items_2013
 from imr_model.textsource import LETTER_SUFFIXES, PAGE_BREAK, normalize_text, read_letter_text
 from imr_model.types import OVERTURNED, UPHELD, Item, Letter, LetterError, clean_text
 
@@ -110,8 +111,6 @@ def parse_text(text: str, *, source: str = "<text>", letter_id: str | None = Non
     if items:
         layout = "2016" if header.get("case_number") or header.get("decision_date") else "2015"
     else:
-        from imr_model.letters_2013 import parse_items_2013
-
         items = parse_items_2013(lines)
         layout = "2013" if items else None
     if not items:

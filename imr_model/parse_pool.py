@@ -36,8 +36,10 @@ POSIX only (pipes in `select`, `resource`, `os.wait4`).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import resource
 import select
 import signal
 import struct
@@ -352,8 +354,6 @@ def _worker_main(config_json: str) -> None:
     config = json.loads(config_json)
     try:
         module_name, _, func_name = config["target"].partition(":")
-        import importlib
-
         fn = getattr(importlib.import_module(module_name), func_name)
         if config["memory_limit"]:
             _limit_memory(int(config["memory_limit"]))
@@ -390,8 +390,6 @@ def _send(fd: int, msg) -> None:
 
 
 def _limit_memory(limit: int) -> None:
-    import resource
-
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     soft = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
@@ -400,8 +398,6 @@ def _limit_memory(limit: int) -> None:
 def _limit_cpu(time_limit: float) -> None:
     """A backstop for an orphaned worker (the parent was killed mid-item): CPU time for this item is
     bounded too, at twice the wall-clock limit (the parent kills at the wall-clock limit first)."""
-    import resource
-
     used = resource.getrusage(resource.RUSAGE_SELF)
     _, hard = resource.getrlimit(resource.RLIMIT_CPU)
     soft = int(used.ru_utime + used.ru_stime + 2 * time_limit + 10)

@@ -217,6 +217,8 @@ def pdf_bytes_text(data: bytes, src: str, *, has_header: bool = True) -> str:
     refuses but that ends in junk after a %%EOF marker (mail gateways append footers) is loaded again
     cut back to that marker, as poppler would read it.
     """
+    # deferred: importing pypdfium2 takes ~60 ms here and initialises PDFium; text-only callers (and the serving
+    # fork server, which imports the parser before forking workers) never need it
     import pypdfium2.raw as pdfium_c
 
     with _PDFIUM_LOCK:
