@@ -71,8 +71,19 @@ def decision_basis_columns(label_names) -> list[int]:
     return [j for j, name in enumerate(label_names) if name in basis]
 
 
-LABELS: tuple[str, ...] = load_taxonomy().labels
-TAXONOMY_VERSION: int = load_taxonomy().version
+# `load_taxonomy().labels` and `.version`, read on first use (module `__getattr__`), not at import:
+# `imr_model.types` imports this module, so `import imr_model` (the CLI, every parse worker) would
+# otherwise parse taxonomy.yaml and compile its patterns at start-up.
+LABELS: tuple[str, ...]
+TAXONOMY_VERSION: int
+
+
+def __getattr__(name: str):
+    if name == "LABELS":
+        return load_taxonomy().labels
+    if name == "TAXONOMY_VERSION":
+        return load_taxonomy().version
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def split_citation(text: str) -> tuple[str, list[str]]:

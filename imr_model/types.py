@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from imr_model.taxonomy import guideline_labels, odg_chapters
+
 UPHELD = "Upheld"
 OVERTURNED = "Overturned"
 DECISIONS = (UPHELD, OVERTURNED)
@@ -65,8 +67,6 @@ class Letter:
 
     def item_records(self) -> list[dict]:
         """One flat JSON-ready record per item: the schema of `imr parse` output and of datasets."""
-        from imr_model.taxonomy import guideline_labels, odg_chapters
-
         return [
             {
                 "letter_id": clean_text(self.letter_id),  # file names may hold undecodable bytes (surrogates)
