@@ -10,6 +10,7 @@ masking counts, near-duplicate texts across splits) and logs counts only, never 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -17,7 +18,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value, load_from_disk
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.model_selection import StratifiedGroupKFold
 
+from imr_model.letters import iter_letter_files, parse_many
 from imr_model.tabular import (  # noqa: F401 - re-exported: the dataset API is one import
     DEFAULT_DMHC_URL,
     TABLE_SUFFIXES,
@@ -111,8 +117,6 @@ def assign_splits(
 
 def grouped_kfold(records: Sequence[Mapping], k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """`k` (train_idx, test_idx) folds, grouped by letter and stratified by outcome (StratifiedGroupKFold)."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
     rows = _validated(records)
     groups = _groups(rows)
     n_groups = len(set(groups))
@@ -138,8 +142,6 @@ def find_near_duplicates(
     checked; (b) documents whose common-term norm alone reaches the threshold ("heavy", e.g. templated
     text) can match without a rare term, so pairs of them are computed in full. 10k items: ~1-4 s.
     """
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if groups is not None and len(groups) != len(texts):
@@ -207,9 +209,6 @@ def _near_pairs(x, group: np.ndarray, cross: bool, t: float, chunk: int):
 
 def _features(columns: Mapping[str, list]) -> Any:
     """Explicit types for the record schema; other columns inferred (stringified if mixed)."""
-    import pyarrow as pa
-    from datasets import ClassLabel, Features, List, Value
-
     known = {name: Value("string") for name in (*RECORD_FIELDS, *VIEWS)}
     known.update(item_index=Value("int64"), guideline_labels=List(Value("string")), odg_chapters=List(Value("string")))
     known["label"] = ClassLabel(names=list(LABEL_NAMES))
@@ -227,8 +226,6 @@ def _features(columns: Mapping[str, list]) -> Any:
 
 
 def _split_dataset(rows: list[dict], columns: list[str]) -> Any:
-    from datasets import Dataset
-
     data = {c: [r.get(c) for r in rows] for c in columns}
     for c in ("guideline_labels", "odg_chapters"):
         data[c] = [list(v) if v is not None else [] for v in data[c]]
@@ -250,8 +247,6 @@ def build_dataset(
     The report (sizes, overturn rates, masking counts, near-duplicate texts of `dedup_view` across
     splits) is attached as `dd.report` and saved by `save_dataset`.
     """
-    from datasets import DatasetDict
-
     for name, value in (("val_size", val_size), ("test_size", test_size)):
         if not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
@@ -312,8 +307,6 @@ def _report(rows, split_of, masked_counts, dups, view, threshold, seed) -> dict:
 
 def dataset_digest(data: Any) -> str:
     """Stable sha256 (hex) over the records: a list of record dicts, or a DatasetDict (split names included)."""
-    from datasets import DatasetDict
-
     h = hashlib.sha256()
     parts = ((name, data[name]) for name in data) if isinstance(data, DatasetDict) else [(None, data)]
     for split, rows in parts:
@@ -326,8 +319,6 @@ def dataset_digest(data: Any) -> str:
 
 def save_dataset(dd: Any, path: str | Path) -> Path:
     """`save_to_disk` plus `imr_dataset.json` (digest and build report) in the same folder."""
-    from datasets import DatasetDict
-
     if not isinstance(dd, DatasetDict):
         raise TypeError(f"save_dataset expects a DatasetDict, got {type(dd).__name__}")
     path = Path(path)
@@ -339,8 +330,6 @@ def save_dataset(dd: Any, path: str | Path) -> Path:
 
 def load_dataset_dir(path: str | Path) -> Any:
     """Load a folder written by `save_dataset` (`.report` and `.digest` restored when present)."""
-    from datasets import DatasetDict, load_from_disk
-
     path = Path(path)
     if not (path / "dataset_dict.json").is_file():
         raise FileNotFoundError(f"{path}: not a saved DatasetDict (no dataset_dict.json); build one with save_dataset")
@@ -371,10 +360,6 @@ def load_records(
     Letters that fail to parse come back as `LetterError`s; a bad table (missing file or column,
     unknown label) raises, since that is a usage error rather than one bad document.
     """
-    import glob
-
-    from imr_model.letters import iter_letter_files, parse_many
-
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     tables, letters = [], []

@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Mapping
 
 import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from imr_model.metrics import ECE_BINS
 
 
 def _pyplot():
+    # deferred: importing pyplot costs ~0.5 s and selecting the Agg backend is global state, so both wait
+    # for the first figure instead of happening whenever the experiment module is imported
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
@@ -47,8 +50,6 @@ def reliability_diagram(y_true, curves: Mapping[str, np.ndarray], n_bins: int = 
 
 def pr_curve(y_true, curves: Mapping[str, np.ndarray], title: str = ""):
     """Precision-recall curves for Overturned with average precision in the legend."""
-    from sklearn.metrics import average_precision_score, precision_recall_curve
-
     plt = _pyplot()
     y = np.asarray(y_true).astype(int)
     fig, ax = plt.subplots(figsize=(5, 5))

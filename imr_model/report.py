@@ -15,6 +15,8 @@ import html
 from pathlib import Path
 from typing import Iterable
 
+from imr_model.inference import as_records, load_model
+
 POSITIVE_RGB = (200, 30, 30)
 NEGATIVE_RGB = (30, 90, 210)
 _CSS = """
@@ -181,8 +183,6 @@ def explain(
     top_k: int = 10,
 ) -> Path:
     """Predict one letter (path or text) with attributions and write its report to `output` (`imr explain`)."""
-    from imr_model.inference import as_records, load_model
-
     predictor = load_model(model)
     records = as_records(Path(letter) if isinstance(letter, str) and Path(letter).is_file() else letter)
     preds = predictor.predict_records(records, attributions=True, target=target, n_steps=n_steps)

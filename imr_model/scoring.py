@@ -23,6 +23,7 @@ second run on the same output fails at once with `OutputLockedError` and changes
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import re
@@ -33,11 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import pandas as pd
 import pyarrow.parquet as pq
 
 from imr_model.attribution import DEFAULT_STEPS, OUTCOME
+from imr_model.inference import load_model
 from imr_model.letters import iter_letter_files, parse_many
+from imr_model.progress import progress_bar
 from imr_model.score_output import OutputLock, lock_output, open_writer, output_format, row_key
+from imr_model.tabular import records_from_table
 from imr_model.types import Letter, LetterError, clean_text
 
 logger = logging.getLogger(__name__)
@@ -106,9 +111,6 @@ def score(
     `lock` (it stays the caller's to release). Raises `OutputLockedError` / `OutputWriteError` (both
     `OutputError`) for an output in use, read-only, not permitted, or on a full disk.
     """
-    from imr_model.inference import load_model
-    from imr_model.progress import progress_bar
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     chunk_items = 4 * batch_size if chunk_items is None else chunk_items
@@ -379,10 +381,6 @@ def _no_values(exc: Exception) -> str:
 
 def _table_records(rows: list[dict], source: str, stem: str, offset: int) -> Iterator[tuple[str, dict | None, str | None]]:
     """(letter_id, record, error) per row, in row order."""
-    import pandas as pd
-
-    from imr_model.tabular import records_from_table
-
     good = [r for r in rows if not _is_error_record(r)]
     records = iter(records_from_table(pd.DataFrame(good), source=source)) if good else iter(())
     k = 0  # position among the rows handed to records_from_table, which numbers id-less rows by it
@@ -434,8 +432,6 @@ def _table_rows(path: Path) -> Iterator[dict]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             yield from (_clean(r) for r in batch.to_pylist())
     elif suffix == ".csv":
-        import csv
-
         with path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
             for row in csv.DictReader(fh):
                 yield {_clean(k): (_clean(v) if v != "" else None) for k, v in row.items()}

@@ -25,6 +25,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import pandas as pd
+
+from imr_model import __version__
+from imr_model.progress import progress_bar
 from imr_model.types import OVERTURNED, UPHELD
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -92,8 +96,6 @@ def _py(value: Any) -> Any:
 
 def read_table(path: str | Path):
     """Read a .csv (UTF-8, falling back to cp1252), .jsonl or .parquet file into a pandas DataFrame."""
-    import pandas as pd
-
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
@@ -256,9 +258,6 @@ def download_dmhc(
 
 
 def _stream(url: str, out, *, timeout: float, progress: bool) -> None:
-    from imr_model import __version__
-    from imr_model.progress import progress_bar
-
     request = urllib.request.Request(url, headers={"User-Agent": f"imr-model/{__version__}"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:

@@ -85,7 +85,7 @@ def _lock_holder(out: Path) -> subprocess.Popen:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_second_process_is_refused_and_changes_nothing(tmp_path, fmt, monkeypatch):
-    from imr_model import inference
+    from imr_model import scoring
     from imr_model.scoring import score
 
     out = tmp_path / f"o.{fmt}"
@@ -100,7 +100,7 @@ def test_second_process_is_refused_and_changes_nothing(tmp_path, fmt, monkeypatc
         with pytest.raises(OutputLockedError, match=rf"o\.{fmt} is being written by another `imr score` run "
                                                     rf"\(pid {holder.pid}\); wait for it or choose another output"):  # fmt: skip
             open_writer(out, with_attributions=False, run_info=RUN)
-        monkeypatch.setattr(inference, "load_model", lambda *a, **k: pytest.fail("the model loaded before the lock"))
+        monkeypatch.setattr(scoring, "load_model", lambda *a, **k: pytest.fail("the model loaded before the lock"))
         with pytest.raises(OutputLockedError, match=f"pid {holder.pid}"):
             score([tmp_path / "letters"], out, model="unused", progress=False)
         assert _snapshot(tmp_path) == before
@@ -243,12 +243,12 @@ def _refuse_writes_under(folder: Path, err: int, monkeypatch) -> None:
 @pytest.mark.parametrize(("err", "reason"), [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_unwritable_output_fails_before_the_model_loads(tmp_path, monkeypatch, err, reason, fmt):
-    from imr_model import inference
+    from imr_model import scoring
     from imr_model.scoring import score
 
     out = tmp_path / "ro" / f"o.{fmt}"
     out.parent.mkdir()
-    monkeypatch.setattr(inference, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(scoring, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     _refuse_writes_under(out.parent, err, monkeypatch)
     with pytest.raises(OutputWriteError, match=rf"cannot write .*o\.{fmt}: {reason}") as info:
         score([tmp_path], out, model="unused", progress=False)
