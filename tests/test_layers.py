@@ -58,7 +58,6 @@ ALLOWED_INNER: dict[tuple[str, str], str] = {
     ("spark", "scoring"): TODO,
     ("spark", "tracking"): TODO,
     ("spark", "types"): TODO,
-    ("tracking", "examples"): TODO,
     ("tracking", "pyfunc_model"): TODO,
 }
 
