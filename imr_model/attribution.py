@@ -24,10 +24,6 @@ For one item text:
    overlaps; `log_words`'s v·log(W) is split evenly over the W words. So completeness covers the whole
    outcome logit. The guideline logits' item-level terms (citation cues, TF-IDF) are not attributed.
 
-6. With a context view (`model.context_view`), the context's last window adds its context-head logit
-   to the outcome, so it is attributed too (weight 1, like `last`); guideline labels read the main
-   view only. Completeness holds over the whole input, separator excluded.
-
 Scores are in raw logit units (before temperature scaling); positive pushes towards the target
 (Overturned for `target="outcome"`, or the named guideline label).
 """
@@ -44,8 +40,9 @@ import numpy as np
 import torch
 from captum.attr import LayerIntegratedGradients
 
-from imr_model.config import LINEAR_POOLINGS, POOLINGS
-from imr_model.views import main_text
+from imr_model.cues import evidence_spans
+from imr_model.modeling import GUIDELINE_POOLING
+from imr_model.pooling import window_weights
 
 OUTCOME = "outcome"
 DEFAULT_STEPS = 32
@@ -142,32 +139,20 @@ def attribute_many(
     net, device = classifier.net, classifier.device
     windows = classifier.make_windows(texts)
     owners = windows.item_ids.numpy()
-    segments = windows.segments.numpy()  # 0 main view, 1 context view (model.context_view)
     lengths = windows.attention_mask.sum(dim=1).numpy()
-    context = net.context_head is not None
-    head = 0  # with a context head: the outcome column of the rows being attributed (0 main, 1 context)
 
     def target_logit(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         outcome, guidelines = net(input_ids, attention_mask)
-        if column is not None:
-            return guidelines[:, column]  # (rows,)
-        return outcome[:, head] if context else outcome
+        return outcome if column is None else guidelines[:, column]  # (rows,)
 
-    pooling = classifier.config.pooling if column is None else classifier.config.guideline_pool
-    if pooling in LINEAR_POOLINGS:  # the weights do not depend on the logits: skip a forward of every window
-        window_logits = np.zeros(len(windows), dtype=np.float64)
-    else:
-        o, g = classifier.forward_windows(windows)
-        o = o[:, 0] if context else o
-        window_logits = np.asarray(o if column is None else g[:, column], dtype=np.float64)
+    # every pooling is linear: a window's weight does not depend on the logits (no extra forward pass)
+    pooling = classifier.config.pooling if column is None else GUIDELINE_POOLING
     weights = np.zeros(len(windows), dtype=np.float64)
     for item in range(len(texts)):
-        rows = np.flatnonzero((owners == item) & (segments == 0))
-        weights[rows] = pooling_weights(window_logits[rows], pooling)
-        if column is None and context:  # the context head reads the context's last window
-            weights[np.flatnonzero((owners == item) & (segments == 1))[-1]] = 1.0
+        rows = np.flatnonzero(owners == item)
+        weights[rows] = window_weights(len(rows), pooling)
     chosen = np.flatnonzero(weights > 0)
-    chosen = chosen[np.lexsort((lengths[chosen], segments[chosen]))]  # by part, then length: similar lengths share a pass
+    chosen = chosen[np.argsort(lengths[chosen], kind="stable")]  # by length: similar lengths share a pass
     scores = np.zeros(tuple(windows.input_ids.shape), dtype=np.float64)  # (W, T); unattributed windows stay 0
     deltas = np.zeros(len(windows), dtype=np.float64)
     pad = classifier.tokenizer.pad_token_id or 0
@@ -177,8 +162,6 @@ def attribute_many(
         width = max(1, int(lengths[chosen[start]]))
         rows_fit = max(1, batch_tokens // (n_steps * width))  # all steps of these rows in one pass
         group = chosen[start : start + rows_fit]
-        group = group[segments[group] == segments[group[0]]]  # one outcome head per pass
-        head = int(segments[group[0]])
         width = max(1, int(lengths[group].max()))
         ids = windows.input_ids[group, :width].to(device)
         mask = windows.attention_mask[group, :width].to(device)
@@ -200,10 +183,8 @@ def attribute_many(
     for item, text in enumerate(texts):
         rows = np.flatnonzero((owners == item) & (weights > 0))
         words = merge_words(text, scores[rows], windows.offsets[rows].numpy())
-        if evidence is not None:  # the evidence cues read the main view (views.main_text)
-            end = len(main_text(text))
-            main = tuple(w for w in words if w.start < end)
-            words = add_evidence_scores(text[:end], main, evidence) + words[len(main) :]
+        if evidence is not None:
+            words = add_evidence_scores(text, words, evidence)
         out.append(Attribution(target, text_view or classifier.config.text_view, text, words, float(deltas[rows].sum()),
                                n_steps))  # fmt: skip
     return out
@@ -214,8 +195,6 @@ def add_evidence_scores(text: str, words: tuple[WordScore, ...], weights: np.nda
 
     `weights`: the model's evidence weights v in `cues.evidence_names` order (patterns, then `log_words`).
     """
-    from imr_model.cues import evidence_spans
-
     extra = np.zeros(len(words), dtype=np.float64)
     starts = np.array([w.start for w in words], dtype=np.int64)
     ends = np.array([w.end for w in words], dtype=np.int64)
@@ -227,29 +206,6 @@ def add_evidence_scores(text: str, words: tuple[WordScore, ...], weights: np.nda
     if len(words):
         extra += weights[-1] * np.log(len(words)) / len(words)
     return tuple(WordScore(w.word, w.start, w.end, w.score + float(x)) for w, x in zip(words, extra))
-
-
-def pooling_weights(window_logits: np.ndarray, pooling: str) -> np.ndarray:
-    """d(item logit)/d(window logit) for the configured pooling, (W,)."""
-    z = np.asarray(window_logits, dtype=np.float64)
-    if pooling == "max":
-        w = np.zeros_like(z)
-        w[int(np.argmax(z))] = 1.0
-        return w
-    if pooling == "last":  # windows are in text order
-        w = np.zeros_like(z)
-        w[-1] = 1.0
-        return w
-    if pooling == "mean":
-        return np.full_like(z, 1.0 / len(z))
-    if pooling == "mean_last":
-        w = np.full_like(z, 1.0 / len(z))
-        w[-1] += 1.0
-        return w
-    if pooling == "logsumexp":
-        e = np.exp(z - z.max())
-        return e / e.sum()
-    raise ValueError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
 
 
 def merge_words(text: str, token_scores: np.ndarray, offsets: np.ndarray) -> tuple[WordScore, ...]:

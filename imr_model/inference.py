@@ -29,7 +29,11 @@ import numpy as np
 from imr_model import familiarity
 from imr_model.attribution import DEFAULT_STEPS, OUTCOME, Attribution, attribute_many, check_target
 from imr_model.letters import LETTER_SUFFIXES, parse_many, parse_text
-from imr_model.types import Letter, LetterError
+from imr_model.modeling import GUIDELINE_POOLING, IMRClassifier
+from imr_model.onnx_backend import onnx_forward
+from imr_model.tracking import configure, resolve_model_dir
+from imr_model.types import DECISIONS, Letter, LetterError
+from imr_model.views import text_view
 
 MODEL_ENV = "IMR_MODEL_URI"
 REGISTERED_MODEL = "imr-classifier"
@@ -115,10 +119,7 @@ class Predictor:
 
     def item_texts(self, records: Sequence[dict]) -> list[str]:
         """The model input of each item record, in the model's text view."""
-        from imr_model.views import model_input
-
-        context = self.classifier.config.context_view
-        return [model_input(_with_text_fields(r), self.text_view, context) for r in records]
+        return [text_view(_with_text_fields(r), self.text_view) for r in records]
 
     def predict_records(
         self,
@@ -169,7 +170,7 @@ class Predictor:
         capture = self.profile is not None and self.forward is None
         with familiarity.capture_window_vectors(clf) if capture else nullcontext() as cap:
             o, g = clf.window_item_logits(windows, texts, batch_size=batch_size, forward=self.forward)
-        p, g = clf.calibrate(o, g)
+        p, g = clf.probabilities(o, g)
         if cap is not None:
             return p, g, familiarity.item_vectors(windows, cap.window_vectors(windows), len(texts))
         if self.profile is None or self.onnx_distance == "off":
@@ -192,16 +193,15 @@ class Predictor:
             "version": cfg.version,
             "backbone": cfg.backbone,
             "text_view": cfg.text_view,
-            "context_view": cfg.context_view,  # None, or the view the context head reads (model.context_view)
             "pooling": cfg.pooling,
-            "guideline_pooling": cfg.guideline_pool,
+            "guideline_pooling": GUIDELINE_POOLING,
             "window_unit": cfg.window_unit,
             "citation_cues": len(cfg.cue_names),  # 0 = the guideline head has no cue term
             "evidence_cues": len(cfg.outcome_cue_names),  # 0 = the outcome head has no cue term
             "guideline_tfidf_terms": len(self.classifier.tfidf) if self.classifier.tfidf is not None else 0,
             "max_length": cfg.max_length,
             "stride": cfg.stride,
-            "outcome_labels": list(cfg.outcome_labels),
+            "outcome_labels": list(DECISIONS),
             "guideline_labels": self.classifier.label_names,
             "calibration": self.classifier.calibration_dict(),
             "familiarity": self.familiarity_info(),
@@ -276,9 +276,6 @@ def clear_cache() -> None:
 
 
 def _load(uri: str, backend: str) -> Predictor:
-    from imr_model.modeling import IMRClassifier
-    from imr_model.tracking import configure, resolve_model_dir
-
     info: dict = {}
     if not Path(uri).exists() and not _URI_SCHEME.match(uri):
         raise ModelNotFoundError(f"model {uri!r} is neither an existing directory nor an MLflow URI (models:/, runs:/, ...)")
@@ -299,8 +296,6 @@ def _load(uri: str, backend: str) -> Predictor:
                          f"{classifier.net.encoder.config.hidden_size}")  # fmt: skip
     forward = None
     if backend == "onnx":
-        from imr_model.onnx_backend import onnx_forward
-
         forward = onnx_forward(classifier, path)
     return Predictor(classifier=classifier, uri=uri, path=path, backend=backend, forward=forward, info=info, profile=profile)
 
@@ -319,9 +314,7 @@ def _registry_configured() -> bool:
 
 def _registry_version(uri: str) -> str:
     """'models:/name@alias' → 'models:/name/<version>' (raises when the alias does not exist)."""
-    from mlflow import MlflowClient
-
-    from imr_model.tracking import configure
+    from mlflow import MlflowClient  # deferred: ~1 s to import; only models:/ URIs need it (as in tracking)
 
     configure()
     body = uri[len("models:/") :]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from imr_model.attribution import attribute, merge_words, pooling_weights
+from imr_model.attribution import attribute, merge_words
+from imr_model.pooling import POOLINGS, window_weights
 from imr_model.modeling import IMRClassifier
 
 from inference_helpers import LABELS, PLANTED, planted_texts, tiny_model, train_planted
@@ -49,17 +50,17 @@ def test_completeness_single_window(clf, text):
     assert float(o[0]) == pytest.approx(float(fx[0]), abs=1e-4)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "logsumexp", "max", "last", "mean_last"])
+@pytest.mark.parametrize("pooling", POOLINGS)
 def test_completeness_over_windows(tmp_path, pooling):
     clf = IMRClassifier.from_pretrained(tiny_model(tmp_path / "m", seed=5, pooling=pooling))
     text = " ".join(TEXTS * 3)  # ~110 tokens: 3 overlapping windows of 64
     fx, fb = _baseline_logits(clf, text)
     assert len(fx) >= 2
     a = attribute(clf, text, n_steps=48)
-    weights = pooling_weights(fx, pooling)
+    weights = window_weights(len(fx), pooling)
     expected = float((weights * (fx - fb)).sum())
     assert sum(w.score for w in a.words) == pytest.approx(expected, abs=2e-3 + 0.02 * abs(expected))
-    if pooling == "max":  # only the deciding window is attributed: words elsewhere score exactly 0
+    if pooling == "last":  # only the last window is attributed: words before it score exactly 0
         assert any(w.score == 0.0 for w in a.words)
 
 
@@ -79,16 +80,19 @@ def test_merge_words_sums_subwords_and_skips_specials():
     assert [(w.word, w.start, w.end, w.score) for w in words] == [("alpha", 0, 5, 1.0), ("betagamma", 6, 15, 0.75)]
 
 
-def test_pooling_weights():
-    z = np.array([0.0, 2.0, 1.0])
-    assert pooling_weights(z, "max").tolist() == [0.0, 1.0, 0.0]
-    assert pooling_weights(z, "last").tolist() == [0.0, 0.0, 1.0]
-    assert pooling_weights(z, "mean").tolist() == pytest.approx([1 / 3] * 3)
-    assert pooling_weights(z, "mean_last").tolist() == pytest.approx([1 / 3, 1 / 3, 4 / 3])
-    lse = pooling_weights(z, "logsumexp")
-    assert lse.sum() == pytest.approx(1.0) and lse.argmax() == 1
-    with pytest.raises(ValueError, match="valid: max, mean, logsumexp"):
-        pooling_weights(z, "median")
+def test_window_weights_are_the_poolings_gradient():
+    """window_weights (what attributions weight windows by) is d(item)/d(window) of pooling.pool, for every pooling."""
+    from imr_model.pooling import pool
+
+    assert window_weights(3, "last").tolist() == [0.0, 0.0, 1.0]
+    assert window_weights(3, "mean").tolist() == pytest.approx([1 / 3] * 3)
+    assert window_weights(3, "mean_last").tolist() == pytest.approx([1 / 3, 1 / 3, 4 / 3])
+    for mode in POOLINGS:
+        z = torch.tensor([0.3, -1.0, 2.0, 0.5], dtype=torch.float64, requires_grad=True)
+        pool(z, torch.zeros(4, dtype=torch.long), 1, mode).sum().backward()
+        assert z.grad.numpy() == pytest.approx(window_weights(4, mode))
+    with pytest.raises(ValueError, match="valid: last, mean, mean_last"):
+        window_weights(3, "max")
 
 
 def test_guideline_target_and_invalid_target(clf):
@@ -124,7 +128,7 @@ def test_planted_token_ranks_first(tmp_path):
         assert a.top(1, by="positive")[0].word == PLANTED
 
 
-@pytest.mark.parametrize("pooling", ["last", "max"])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_completeness_with_sentence_windows(tmp_path, pooling):
     """Sentence windows: the pooled window is one sentence; offsets still index the whole text."""
     clf = IMRClassifier.from_pretrained(tiny_model(tmp_path / "m", seed=7, pooling=pooling, window_unit="sentences"))
@@ -132,7 +136,7 @@ def test_completeness_with_sentence_windows(tmp_path, pooling):
     fx, fb = _baseline_logits(clf, text)
     assert len(fx) >= 2  # several sentences → several windows
     a = attribute(clf, text, n_steps=48)
-    weights = pooling_weights(fx, pooling)
+    weights = window_weights(len(fx), pooling)
     expected = float((weights * (fx - fb)).sum())
     assert sum(w.score for w in a.words) == pytest.approx(expected, abs=2e-3 + 0.02 * abs(expected))
     scored = [w for w in a.words if w.score != 0.0]
@@ -146,7 +150,7 @@ def test_attribute_many_equals_one_at_a_time(tmp_path):
     """Batching items into shared passes changes nothing but speed (rows are independent)."""
     from imr_model.attribution import attribute_many
 
-    clf = IMRClassifier.from_pretrained(tiny_model(tmp_path / "m", seed=3, pooling="max", window_unit="sentences"))
+    clf = IMRClassifier.from_pretrained(tiny_model(tmp_path / "m", seed=3, pooling="mean_last", window_unit="sentences"))
     texts = [TEXTS[0], " ".join(TEXTS), TEXTS[2] + " " + TEXTS[1]]
     many = attribute_many(clf, texts, n_steps=16, batch_tokens=600)  # small budget: several groups
     for text, got in zip(texts, many):
@@ -173,10 +177,10 @@ def test_evidence_term_goes_to_the_words_that_made_it(tmp_path):
     a = attribute(clf, text, n_steps=48)
     term = float(evidence_matrix([text])[0] @ v)
     assert abs(term) > 0.5  # the check below would not see a missing term
-    expected = float((pooling_weights(fx, "mean_last") * (fx - fb)).sum()) + term
+    expected = float((window_weights(len(fx), "mean_last") * (fx - fb)).sum()) + term
     assert sum(w.score for w in a.words) == pytest.approx(expected, abs=2e-3 + 0.02 * abs(expected))
     o, _ = clf.predict_logits([text])  # the logit explained is the one predict() gives
-    assert float(o[0]) == pytest.approx(float((pooling_weights(fx, "mean_last") * fx).sum()) + term, abs=1e-4)
+    assert float(o[0]) == pytest.approx(float((window_weights(len(fx), "mean_last") * fx).sum()) + term, abs=1e-4)
     plain = IMRClassifier.from_pretrained(path)  # same windows part, no evidence weights
     gap = {w.start: w.score for w in a.words}
     for w in attribute(plain, text, n_steps=48).words:
@@ -186,39 +190,3 @@ def test_evidence_term_goes_to_the_words_that_made_it(tmp_path):
     for start, g in gap.items():  # each word: its log_words share, and "unclear." also the pattern's whole share
         share = 0.2 * np.log(n_words) / n_words + (-3.0 * np.log(2) if start == unclear else 0.0)
         assert g == pytest.approx(share, abs=1e-4)
-
-
-def test_completeness_with_a_context_view(tmp_path):
-    """model.context_view: the outcome logit is the main part's pooled logit plus the context head's on the
-    context's last window; attributions cover both, and guideline targets only the main part."""
-    from imr_model.views import model_input, split_context
-
-    path = tiny_model(tmp_path / "m", seed=6, pooling="mean_last", window_unit="sentences", context_view="forecast")
-    clf = IMRClassifier.from_pretrained(path)
-    torch.manual_seed(1)
-    with torch.no_grad():  # a context head that says something (it is fit by the logistic refit in training)
-        clf.net.context_head.weight.normal_(0, 1.0)
-    record = {"rationale": " ".join(TEXTS), "request": "Acupuncture x 6",
-              "case_summary": "The worker has chronic neck pain. Utilization review denied acupuncture."}
-    text = model_input(record, "rationale", "forecast")
-    w = clf.make_windows([text])
-    special = (w.offsets == 0).all(dim=-1)
-    base = torch.where(special, w.input_ids, torch.full_like(w.input_ids, clf.tokenizer.pad_token_id))
-    with torch.no_grad():
-        (ox, gx), (ob, gb) = (clf.net(ids, w.attention_mask) for ids in (w.input_ids, base))
-    main = (w.segments == 0).numpy()
-    last_ctx = int(np.flatnonzero(~main)[-1])
-    weights = pooling_weights(ox[main, 0].numpy(), "mean_last")
-    context_part = float(ox[last_ctx, 1] - ob[last_ctx, 1])
-    assert abs(context_part) > 1e-3  # the check below would not see a missing context term
-    expected = float((weights * (ox[main, 0] - ob[main, 0]).numpy()).sum()) + context_part
-    a = attribute(clf, text, n_steps=48)
-    assert sum(x.score for x in a.words) == pytest.approx(expected, abs=2e-3 + 0.02 * abs(expected))
-    o, _ = clf.predict_logits([text])  # the logit explained is the one predict() gives
-    assert float(o[0]) == pytest.approx(float((weights * ox[main, 0].numpy()).sum() + ox[last_ctx, 1]), abs=1e-4)
-    end, start = split_context(text)
-    last_sentence = text.rindex("Utilization review")
-    assert all(x.score == 0.0 for x in a.words if end <= x.start < last_sentence)  # earlier context: not pooled
-    g = attribute(clf, text, target=LABELS[0], n_steps=16)
-    assert all(x.score == 0.0 for x in g.words if x.start >= end)  # guidelines read the main view only
-    assert any(x.score != 0.0 for x in g.words if x.start < end)

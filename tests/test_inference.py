@@ -91,21 +91,6 @@ def test_forecast_view_is_applied(tmp_path, letters):
     assert all(t.startswith("Request: ") and r["rationale"] not in t for t, r in zip(texts, records))
 
 
-def test_context_view_is_applied(tmp_path, letters):
-    """model.context_view: predict() feeds the masked rationale with the forecast view after the separator."""
-    from imr_model.views import CONTEXT_SEPARATOR, model_input
-
-    predictor = load_model(str(tiny_model(tmp_path / "ctx", seed=2, text_view="rationale_masked",
-                                          window_unit="sentences", context_view="forecast")))  # fmt: skip
-    records = parse_file(letters[1]).item_records()
-    texts = predictor.item_texts(records)
-    assert texts == [model_input(r, "rationale_masked", "forecast") for r in records]
-    assert all(t.split(CONTEXT_SEPARATOR)[1] == text_view(r, "forecast") for t, r in zip(texts, records))
-    assert predictor.metadata()["context_view"] == "forecast"
-    p, _ = predictor.classifier.predict_proba(texts)
-    np.testing.assert_allclose([x.p_overturned for x in predict(letters[1], model=predictor)], p, rtol=1e-6)
-
-
 def test_bare_item_text_and_dict(model_dir):
     text = "Physical therapy is supported by the guidelines for this condition."
     (pred,) = predict(text, model=str(model_dir))
