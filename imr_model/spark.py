@@ -25,8 +25,16 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+import imr_model.pyfunc_model as pyfunc_code
 from imr_model.extras import require
+from imr_model.inference import resolve_model_uri
+from imr_model.letters import iter_letter_files, parse_many
+from imr_model.modeling import IMRClassifier
 from imr_model.pyfunc_model import INPUT_COLUMNS, MODEL_DIR_ARTIFACT, OUTPUT_COLUMNS
+from imr_model.score_output import lock_output, open_writer, output_format
+from imr_model.scoring import ScoreSummary, Unit, error_row
+from imr_model.tracking import resolve_model_dir
+from imr_model.types import LetterError
 
 FEATURE = "imr score --engine spark"
 
@@ -72,15 +80,10 @@ def as_pyfunc_uri(model: str | Path | None, workdir: str | Path) -> str:
     """
     import mlflow
 
-    import imr_model.pyfunc_model as code
-    from imr_model.inference import resolve_model_uri
-    from imr_model.modeling import IMRClassifier
-    from imr_model.tracking import resolve_model_dir
-
     model_dir = resolve_model_dir(resolve_model_uri(model), Path(workdir) / "download")
     IMRClassifier.from_pretrained(model_dir)  # digests, required files, calibration: fail here, not on executors
     target = Path(workdir) / "pyfunc"
-    mlflow.pyfunc.save_model(str(target), python_model=code.__file__, artifacts={MODEL_DIR_ARTIFACT: str(model_dir)})
+    mlflow.pyfunc.save_model(str(target), python_model=pyfunc_code.__file__, artifacts={MODEL_DIR_ARTIFACT: str(model_dir)})
     return str(target)
 
 
@@ -111,9 +114,6 @@ def _parse_partition(rows: Iterable) -> Iterable[tuple]:
     Parsed like `imr score` parses: in a worker process under the time and memory budget, so a bomb or a
     hang costs one error row, not the executor.
     """
-    from imr_model.letters import parse_many
-    from imr_model.types import LetterError
-
     rows = list(rows)
     for (seq, path), letter in zip(rows, parse_many([p for _, p in rows])):
         if isinstance(letter, LetterError):
@@ -132,8 +132,6 @@ def score_files(
     spark=None,
 ):
     """`imr score --engine spark`: parse and score letters on Spark, write rows like the local engine."""
-    from imr_model.score_output import lock_output, output_format
-
     require_pyspark()  # before the model is loaded and wrapped
     output_format(output)
     start = time.perf_counter()
@@ -147,13 +145,7 @@ def score_files(
 
 
 def _score_files_locked(inputs, output, model_uri, batch_size, spark, lock):
-    from imr_model.letters import iter_letter_files
-    from imr_model.score_output import open_writer
-    from imr_model.scoring import ScoreSummary, Unit, error_row
-
     with tempfile.TemporaryDirectory(prefix="imr-spark-") as tmp:
-        from imr_model.inference import resolve_model_uri
-
         uri = as_pyfunc_uri(model_uri, tmp)
         writer = open_writer(output, with_attributions=False, run_info={"model": f"spark|{resolve_model_uri(model_uri)}"},
                              lock=lock)  # fmt: skip

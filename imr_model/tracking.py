@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from imr_model import pyfunc_model
 from imr_model.examples import example_records
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -193,9 +194,8 @@ def model_signature():
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
-    from imr_model.pyfunc_model import INPUT_COLUMNS  # deferred: importing pyfunc_model runs mlflow's set_model
 
-    inputs = Schema([ColSpec("string", name, required=False) for name in INPUT_COLUMNS])
+    inputs = Schema([ColSpec("string", name, required=False) for name in pyfunc_model.INPUT_COLUMNS])
     outputs = Schema([ColSpec("string", "outcome"), ColSpec("double", "p_overturned"),
                       ColSpec(Array("string"), "guideline_labels"), ColSpec("string", "guidelines"),
                       ColSpec(Array("string"), "warnings")])  # fmt: skip
@@ -242,7 +242,6 @@ def log_model(model_dir: str | Path, registered_model: str | None) -> tuple[str,
     """
     import mlflow
 
-    from imr_model import pyfunc_model  # deferred: importing it runs mlflow's set_model (models-from-code)
 
     with _quiet_artifact_downloads():
         info = mlflow.pyfunc.log_model(
