@@ -12,13 +12,12 @@ from imr_model.modeling import (
     CALIBRATION_FILE,
     CONFIG_FILE,
     FORMAT_VERSION,
+    GUIDELINE_POOLING,
     WEIGHTS_FILE,
     IMRClassifier,
     IMRNet,
-    pool_logits,
 )
-
-from inference_helpers import tiny_config
+from imr_model.pooling import POOLINGS, bias_multiplicity, pool, window_weights
 
 LONG = " ".join(f"word{i}" for i in range(400))
 TEXTS = ["The request is medically necessary.", "", LONG, "Not medically necessary per MTUS."]
@@ -51,19 +50,58 @@ def test_consecutive_windows_overlap_by_stride(tiny_classifier):
 
 
 def test_pooling_modes():
+    assert POOLINGS == ("last", "mean", "mean_last") and GUIDELINE_POOLING == "mean"
     logits = torch.tensor([1.0, 3.0, -2.0, 0.5])
     items = torch.tensor([0, 0, 1, 2])
-    assert pool_logits(logits, items, 3, "max").tolist() == [3.0, -2.0, 0.5]
-    assert pool_logits(logits, items, 3, "mean").tolist() == [2.0, -2.0, 0.5]
-    assert pool_logits(logits, items, 3, "last").tolist() == [3.0, -2.0, 0.5]
-    assert pool_logits(logits, items, 3, "mean_last").tolist() == [5.0, -4.0, 1.0]
-    lse = pool_logits(logits, items, 3, "logsumexp")
-    assert lse[0].item() == pytest.approx(np.log((np.exp(1) + np.exp(3)) / 2), rel=1e-5)
-    assert 2.0 < lse[0].item() < 3.0 and lse[1].item() == pytest.approx(-2.0)
-    two_d = pool_logits(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0]), 1, "max")
-    assert two_d.tolist() == [[1.0, 2.0]]
-    with pytest.raises(ValueError, match="valid: max, mean, logsumexp, last"):
-        pool_logits(logits, items, 3, "median")
+    assert pool(logits, items, 3, "mean").tolist() == [2.0, -2.0, 0.5]
+    assert pool(logits, items, 3, "last").tolist() == [3.0, -2.0, 0.5]
+    assert pool(logits, items, 3, "mean_last").tolist() == [5.0, -4.0, 1.0]
+    two_d = torch.tensor([[1.0, 0.0], [0.0, 2.0], [4.0, 4.0]])
+    assert pool(two_d, torch.tensor([0, 0, 1]), 2, "last").tolist() == [[0.0, 2.0], [4.0, 4.0]]
+    assert pool(two_d, torch.tensor([0, 0, 1]), 2, "mean").tolist() == [[0.5, 1.0], [4.0, 4.0]]
+    assert [bias_multiplicity(m) for m in POOLINGS] == [1, 1, 2]
+    for retired in ("max", "logsumexp", "median"):
+        with pytest.raises(ValueError, match="valid: last, mean, mean_last"):
+            pool(logits, items, 3, retired)
+        with pytest.raises(ValueError, match="valid: last, mean, mean_last"):
+            bias_multiplicity(retired)
+
+
+@pytest.mark.parametrize("mode", POOLINGS)
+def test_pooling_window_logits_is_the_linear_head_on_pooled_vectors(mode):
+    """Every pooling is linear: pooling a linear head's window logits = the head on pooled window vectors, its bias
+    counted `bias_multiplicity` times (what the logistic head fits rely on)."""
+    gen = torch.Generator().manual_seed(1)
+    vectors = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    items = torch.tensor([0, 0, 0, 1, 2, 2, 3, 3, 3])  # windows in text order, 1 to 3 per item
+    head = torch.nn.Linear(5, 3).double()
+    with torch.no_grad():
+        window_logits = head(vectors)  # (W, 3)
+        pooled = pool(vectors, items, 4, mode) @ head.weight.T + bias_multiplicity(mode) * head.bias
+        assert torch.allclose(pool(window_logits, items, 4, mode), pooled, atol=1e-12)
+        single = pool(window_logits[:, 0], items, 4, mode)  # 1-D rows pool like a column of the 2-D ones
+        assert torch.allclose(single, pooled[:, 0], atol=1e-12)
+    if mode != "mean":  # the last window matters: moving it changes the item (a check that could see `mean`)
+        shuffled = torch.tensor([1, 0, 2, 3, 4, 5, 6, 8, 7])
+        assert not torch.allclose(pool(window_logits[shuffled], items, 4, mode), pool(window_logits, items, 4, mode))
+
+
+@pytest.mark.parametrize("mode", POOLINGS)
+def test_window_weights_are_the_gradient_of_pool(mode):
+    """window_weights(n, mode) = d(item)/d(window) by autograd, for each item of a batch of uneven items; an item's
+    windows never move another item's pooled value."""
+    counts = [1, 3, 2, 4]
+    items = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    z = torch.randn(len(items), dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    pooled = pool(z, items, len(counts), mode)
+    for i, n in enumerate(counts):
+        (grad,) = torch.autograd.grad(pooled[i], z, retain_graph=True)
+        own = (items == i).numpy()
+        assert grad.numpy()[own] == pytest.approx(window_weights(n, mode), abs=1e-12)
+        assert not grad.numpy()[~own].any()
+        assert window_weights(n, mode).sum() == pytest.approx(bias_multiplicity(mode))  # a constant shifts it that often
+    assert window_weights(3, "last").tolist() == [0.0, 0.0, 1.0]
+    assert window_weights(2, "mean_last").tolist() == pytest.approx([0.5, 1.5])
 
 
 def test_pooled_prediction_equals_per_text_prediction(tiny_classifier):
@@ -182,12 +220,34 @@ def test_input_validation(tiny_classifier, tmp_path):
 
 
 def test_old_directory_format_fails_clearly(tiny_classifier, tmp_path):
+
     tiny_classifier.save_pretrained(tmp_path)
     record = json.loads((tmp_path / CONFIG_FILE).read_text())
-    assert record["format_version"] == FORMAT_VERSION
+    assert record["format_version"] == FORMAT_VERSION == 4
     del record["format_version"]  # what directories written before the format was versioned look like
     (tmp_path / CONFIG_FILE).write_text(json.dumps(record))
     with pytest.raises(ValueError, match=rf"directory format 1; this imr-model reads format {FORMAT_VERSION}.*Retrain"):
+        IMRClassifier.from_pretrained(tmp_path)
+
+
+def test_a_format_3_directory_says_to_retrain(tiny_classifier, tmp_path):
+    """A directory written before #20 (format 3: its config.json may still hold retired keys such as
+    guideline_pooling, context_view or dropout) fails with the version and `imr train`, not a key error."""
+    from imr_model.modeling import ModelDirectoryError
+
+    tiny_classifier.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / CONFIG_FILE).read_text())
+    record.update({"format_version": 3, "guideline_pooling": "mean", "context_view": None, "dropout": 0.1,
+                   "outcome_labels": ["Upheld", "Overturned"]})  # fmt: skip
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(record))
+    with pytest.raises(ModelDirectoryError) as err:
+        IMRClassifier.from_pretrained(tmp_path)
+    message = str(err.value)
+    assert "directory format 3" in message and f"reads format {FORMAT_VERSION}" in message
+    assert "Retrain it with `imr train`" in message
+    record["format_version"] = FORMAT_VERSION  # the same directory as format 4: now the retired keys are the problem
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(record))
+    with pytest.raises(ModelDirectoryError, match="does not describe an IMR model"):
         IMRClassifier.from_pretrained(tmp_path)
 
 
@@ -247,7 +307,7 @@ def test_evidence_cue_term_is_added_saved_and_checked(label_names, tmp_path):
     from imr_model.cues import evidence_matrix, evidence_names
 
     torch.manual_seed(0)
-    clf = IMRClassifier.build(load_config("tiny", ["model.outcome_cues=true", "train.outcome_head=logistic", "model.pooling=mean"]).model,
+    clf = IMRClassifier.build(load_config("tiny", ["model.outcome_cues=true", "train.recipe=probe", "model.pooling=mean"]).model,
                               label_names)  # fmt: skip
     assert clf.config.outcome_cue_names == evidence_names() and clf.net.outcome_cues.in_features == len(evidence_names())
     texts = ["There is no documentation of functional improvement.", "Pain relief was documented. It is [MASK]"]
@@ -294,33 +354,6 @@ def test_cue_features_fire_on_what_they_name():
     assert {"mention:odg", "body:knee", "odg_not_mtus", "mention:guideline"} <= on[1] and "acoem_x:knee" not in on[1]
     assert on[2] == {"no_source", "short_text"}
     assert len(names) == len(set(names)) == rows.shape[1]
-
-
-def test_context_windows_are_the_two_parts_windowed_apart(label_names):
-    """model.context_view: main and context parts are windowed separately (the separator is never tokenized),
-    offsets index the whole input, segments tell the parts apart; an input without a context part is refused."""
-    from imr_model.views import CONTEXT_SEPARATOR, model_input, split_context
-
-    clf = IMRClassifier.build(tiny_config(window_unit="sentences", context_view="forecast"), label_names)
-    plain = IMRClassifier.build(tiny_config(window_unit="sentences"), label_names)
-    record = {"rationale": "The MTUS supports therapy after surgery. The worker had surgery in May.",
-              "request": "Physical therapy x 12", "case_summary": "The worker injured the knee. Surgery followed."}
-    text = model_input(record, "rationale", "forecast")
-    end, start = split_context(text)
-    assert text[:end] == record["rationale"] and text[start:].startswith("Request: Physical therapy")
-    w = clf.make_windows([text])
-    main, ctx = w.segments == 0, w.segments == 1
-    assert main.any() and ctx.any() and bool((w.segments[:-1] <= w.segments[1:]).all())  # main first, then context
-    for part, rows in ((text[:end], main), (text[start:], ctx)):
-        alone = plain.make_windows([part])
-        assert torch.equal(w.input_ids[rows][:, : alone.input_ids.shape[1]], alone.input_ids)
-    for row in np.flatnonzero(ctx.numpy()):
-        spans = w.offsets[row][(w.offsets[row] > 0).any(dim=-1)]
-        assert int(spans.min()) >= start  # context tokens point into the context part
-    assert "[CONTEXT]" not in clf.tokenizer.decode(w.input_ids.flatten())
-    assert CONTEXT_SEPARATOR.strip() == "[CONTEXT]"
-    with pytest.raises(ValueError, match="no context part"):
-        clf.predict_proba([record["rationale"]])
 
 
 # ----------------------------------------------------------------------------- no false certainty
@@ -380,19 +413,19 @@ def test_probabilities_stay_within_bounds_on_extreme_logits(tiny_classifier):
     clf = IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer, temperature=0.05)
     n_labels = len(clf.label_names)
     z = np.array([-1e4, -800.0, -60.0, -1.0, 0.0, 1.0, 60.0, 800.0, 1e4, np.inf, -np.inf], dtype=np.float32)
-    p, P = clf.calibrate(z, np.tile(z[:, None], (1, n_labels)))
+    p, P = clf.probabilities(z, np.tile(z[:, None], (1, n_labels)))
     for probs in (p, P):
         assert probs.dtype == np.float64 and np.all((probs >= PROB_MIN) & (probs <= PROB_MAX))
     assert p[4] == 0.5 and p[0] == PROB_MIN and p[8] == PROB_MAX and 8.8e-27 not in p
     with pytest.raises(ValueError, match="1 of 3 logits are NaN"):
-        clf.calibrate(np.array([0.0, np.nan, 1.0]), np.zeros((3, n_labels)))
+        clf.probabilities(np.array([0.0, np.nan, 1.0]), np.zeros((3, n_labels)))
     with pytest.raises(ValueError, match="guideline logits are NaN"):
-        clf.calibrate(np.zeros(1), np.full((1, n_labels), np.nan), bounded=False)
+        clf.probabilities(np.zeros(1), np.full((1, n_labels), np.nan), bounded=False)
     with pytest.raises(ValueError, match="outcome probabilities are NaN"):
         clf.decide(np.array([np.nan]), np.full((1, n_labels), 0.5))  # NaN is not "Upheld"
     clf.temperature = float("nan")
     with pytest.raises(ValueError, match="temperature is nan; it must be finite and > 0"):
-        clf.calibrate(np.zeros(1), np.zeros((1, n_labels)))
+        clf.probabilities(np.zeros(1), np.zeros((1, n_labels)))
     for bad in (float("nan"), 0.0, -2.0, float("inf")):
         with pytest.raises(ValueError, match="temperature"):
             IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer, temperature=bad)
@@ -421,21 +454,29 @@ def test_decisions_are_those_of_the_unbounded_probabilities(tiny_classifier):
     """Thresholds are fitted on calibrated probabilities and mapped like them: every decision is unchanged."""
     from scipy.special import expit
 
-    from imr_model.calibration import bound_probability, calibrate_outcome, decide_labels, fit_threshold
+    from imr_model.calibration import (
+        bound_probability,
+        decide_labels,
+        fit_temperature,
+        half_max_f1_threshold,
+    )
 
     rng = np.random.default_rng(3)
     z = rng.normal(-1.0, 3.0, 400)
     y = (rng.random(400) < expit(z / 2)).astype(int)
-    for rule in ("half_max_f1", "best_f1"):
-        clf = IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer)
-        calibrate_outcome(clf, z, y, rule)
-        raw_p = expit(z / clf.temperature)
-        raw_threshold = fit_threshold(y, raw_p, rule)
-        assert clf.outcome_threshold == bound_probability(raw_threshold)
-        p, _ = clf.calibrate(z, np.zeros((len(z), 0)))
-        assert np.array_equal(p >= clf.outcome_threshold, raw_p >= raw_threshold)
-        upheld, overturned = clf.config.outcome_labels
-        assert clf.decide(p, np.zeros((len(z), len(clf.label_names))))[0] == [overturned if v else upheld for v in raw_p >= raw_threshold]
+    clf = IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer)
+    clf.fit_calibration(z, y, on="400 synthetic items")
+    assert clf.temperature == fit_temperature(z, y) and 1.2 < clf.temperature < 3.0  # the logits are 2x overconfident
+    assert clf.metrics["calibrated_on"] == "400 synthetic items"
+    raw_p = expit(z / clf.temperature)
+    raw_threshold = half_max_f1_threshold(y, raw_p)
+    assert clf.outcome_threshold == bound_probability(raw_threshold) and 0.05 < raw_threshold < 0.5
+    p, _ = clf.probabilities(z, np.zeros((len(z), 0)))
+    assert np.array_equal(p >= clf.outcome_threshold, raw_p >= raw_threshold)
+    assert clf.decide(p, np.zeros((len(z), len(clf.label_names))))[0] == ["Overturned" if v else "Upheld"
+                                                                          for v in raw_p >= raw_threshold]  # fmt: skip
+    with pytest.raises(ValueError, match="1 of 3 held-out outcome logits are NaN"):
+        clf.fit_calibration(np.array([0.0, np.nan, 1.0]), np.array([0, 1, 1]), on="x")
     names = tiny_classifier.label_names
     basis = [j for j, n in enumerate(names) if n.startswith("ACOEM_") and n != "ACOEM_3RD"]
     g = rng.normal(0, 4.0, (300, len(names)))
@@ -443,5 +484,5 @@ def test_decisions_are_those_of_the_unbounded_probabilities(tiny_classifier):
     clf = IMRClassifier(tiny_classifier.config, tiny_classifier.net, tiny_classifier.tokenizer,
                         guideline_thresholds=bound_probability(raw_thr))  # fmt: skip
     clf.set_guideline_decoding(basis, 0.97)
-    _, P = clf.calibrate(np.zeros(len(g)), g)
+    _, P = clf.probabilities(np.zeros(len(g)), g)
     assert np.array_equal(clf.decide_guidelines(P), decide_labels(expit(g), raw_thr, basis, 0.97))

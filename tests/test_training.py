@@ -1,34 +1,43 @@
-"""Training loop, batching, freezing, reproducibility, the full `run_training` and cross-validation (tiny config)."""
+"""The trainer and its recipes (finetune, probe), the head fits, batching, reproducibility, the full `run_training`,
+cross-validation and domain adaptation (tiny config)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 
 import numpy as np
 import pytest
 import torch
+from scipy.special import expit
+from sklearn.metrics import roc_auc_score
 
-from imr_model.experiment import (
-    BASELINE_DIR,
-    cross_validate,
-    evaluate_model,
-    label_matrix,
-    outcome_metrics_per_item,
-    records_to_split,
-    run_training,
+from imr_model import heads
+from imr_model.calibration import (
+    bound_probability,
+    fit_temperature,
+    half_max_f1_threshold,
 )
-from imr_model.training import (
-    Split,
+from imr_model.evaluation import BASELINE_DIR, evaluate_model, outcome_metrics_per_item
+from imr_model.experiment import cross_validate, run_training
+from imr_model.finetune import (
     _micro_batches,
-    guideline_features,
-    refit_guideline_logistic,
-    refit_outcome_head,
-    freeze_lower_layers,
+    fine_tune,
     length_batches,
     resolve_pos_weight,
-    train_classifier,
 )
+from imr_model.modeling import GUIDELINE_POOLING, IMRClassifier
+from imr_model.pooling import POOLINGS, bias_multiplicity, pool
+from imr_model.splits import Split, concat_splits, label_matrix, records_to_split
+from imr_model.training import seed_everything, train_classifier
+
+
+def _cfg(base, *overrides):
+    """`base` (a TrainConfig) with `key=value` overrides, validated like a config file."""
+    from imr_model.config import apply_overrides
+
+    return type(base).model_validate(apply_overrides(base.model_dump(), list(overrides)))
 
 
 def test_pos_weight_auto_and_fixed():
@@ -58,21 +67,6 @@ def test_micro_batches_respect_window_cap():
     assert groups == [[0, 1], [2], [3], [4]]  # item 3 alone exceeds the cap and is never split
 
 
-def test_freeze_lower_layers(tiny_classifier):
-    net = tiny_classifier.net
-    try:
-        frozen = freeze_lower_layers(net, 1)
-        assert frozen > 0
-        assert all(not p.requires_grad for p in net.encoder.embeddings.parameters())
-        assert all(not p.requires_grad for p in net.encoder.encoder.layer[0].parameters())
-        assert all(p.requires_grad for p in net.encoder.encoder.layer[1].parameters())
-        with pytest.raises(ValueError, match="only 2 layers"):
-            freeze_lower_layers(net, 5)
-    finally:
-        for p in net.parameters():
-            p.requires_grad_(True)
-
-
 def test_label_matrix_rejects_unknown_labels(label_names):
     Y = label_matrix([{"guideline_labels": ["ODG"]}, {"guideline_labels": []}], label_names)
     assert Y.sum() == 1 and Y[0, label_names.index("ODG")] == 1
@@ -97,22 +91,53 @@ def _small_splits(demo_records, label_names):
 
 @pytest.mark.slow
 def test_train_classifier_is_reproducible_and_calibrated(tiny_config, demo_records, label_names):
+    """Recipe finetune: same seed, same model; calibrated on the validation items; the guideline head is refit as
+    logistic regressions after fine-tuning, the outcome head is the fine-tuned one."""
     train, val = _small_splits(demo_records, label_names)
-    cfg = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"epochs": 2})})
+    cfg = _cfg(tiny_config, "train.epochs=2")
+    assert cfg.train.recipe == "finetune"
     clf_a, hist_a = train_classifier(cfg, train, val, label_names, quiet=True)
     clf_b, hist_b = train_classifier(cfg, train, val, label_names, quiet=True)
     assert [h["train_loss"] for h in hist_a] == [h["train_loss"] for h in hist_b]
     pa, Pa = clf_a.predict_proba(val.texts)
     pb, Pb = clf_b.predict_proba(val.texts)
     assert np.array_equal(pa, pb) and np.array_equal(Pa, Pb)
-    assert 1 <= len(hist_a) <= 2 and {"val_loss", "val_auroc", "train_loss"} <= set(hist_a[0])
+    assert 1 <= len(hist_a) <= 2 and {"val_loss", "val_outcome_loss", "val_auroc", "train_loss"} <= set(hist_a[0])
     assert clf_a.temperature > 0 and 0 < clf_a.outcome_threshold < 1
     assert clf_a.guideline_thresholds.shape == (len(label_names),)
     assert clf_a.metrics["best_epoch"] in (1, 2)
+    losses = [h["val_outcome_loss"] for h in hist_a]
+    assert clf_a.metrics["best_epoch"] == 1 + int(np.argmin(losses))  # early stopping on the validation outcome loss
+    assert clf_a.metrics["calibrated_on"] == f"{len(val)} validation items"
+    o_val, _ = clf_a.predict_logits(val.texts)
+    assert clf_a.temperature == pytest.approx(fit_temperature(o_val, val.y), rel=1e-4)
+    assert "guideline_head_refit" in clf_a.metrics and "outcome_head_refit" not in clf_a.metrics
 
 
-def _planted_split(n_letters: int, label_names, seed: int) -> Split:
-    """Overturned items mention a planted drug name in one of their sentences; items come two per letter."""
+def test_fine_tune_keeps_the_best_epoch_and_takes_the_pos_weight_shift_back_out(tiny_config, label_names):
+    """fine_tune: the network it leaves is the epoch with the lowest validation outcome loss (restored after later
+    epochs), with log(pos_weight) taken out of the outcome bias; the encoder moved."""
+    from imr_model.finetune import _validate
+
+    cfg = _cfg(tiny_config, "train.epochs=3", "train.patience=2", "model.window_unit=sentences")
+    train, val = _planted_split(12, label_names, 0), _planted_split(6, label_names, 1)
+    torch.manual_seed(0)
+    clf = IMRClassifier.build(cfg.model, label_names)
+    before = clf.net.encoder.get_input_embeddings().weight.detach().clone()
+    out = fine_tune(clf, clf.make_windows(train.texts), train, val, cfg.train, seed=cfg.seed, quiet=True)
+    history, best = out["history"], out["best_epoch"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # patience 2: three epochs always run
+    assert best == 1 + int(np.argmin([h["val_outcome_loss"] for h in history]))
+    assert out["pos_weight"] == pytest.approx(resolve_pos_weight("auto", train.y)) and out["pos_weight"] > 1
+    assert not torch.equal(before, clf.net.encoder.get_input_embeddings().weight)
+    clf.shift_outcome_bias(math.log(out["pos_weight"]))  # back to the logits the validation loss was measured on
+    again = _validate(clf, clf.make_windows(val.texts), val, cfg.train, out["pos_weight"])
+    assert again["outcome_loss"] == pytest.approx(history[best - 1]["val_outcome_loss"], rel=1e-4)
+
+
+def _planted_split(n_letters: int, label_names, seed: int, *, last: bool = False) -> Split:
+    """Overturned items mention a planted drug name in one of their sentences (`last`: the closing one, which
+    `last` pooling reads); items come two per letter."""
     rng = np.random.default_rng(seed)
     filler = ["The injured worker reports pain in the lower back.", "Physical therapy was completed last year.",
               "Medication helps with sleep and daily activity.", "The treating physician requests a follow-up visit."]  # fmt: skip
@@ -122,58 +147,63 @@ def _planted_split(n_letters: int, label_names, seed: int) -> Split:
             label = int(rng.random() < 0.3)
             sentences = list(rng.choice(filler, size=3, replace=False))
             if label:
-                sentences.insert(int(rng.integers(0, 3)), "Zolvaxin improved function markedly.")
+                sentences.insert(3 if last else int(rng.integers(0, 3)), "Zolvaxin improved function markedly.")
             texts.append(" ".join(sentences))
             y.append(label)
             groups.append(f"L{letter}")
     return Split(texts, y, np.zeros((len(texts), len(label_names))), groups=groups)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "mean_last"])
-def test_logistic_outcome_head_is_the_regression_on_pooled_vectors(tiny_config, label_names, pooling):
-    """train.outcome_head=logistic: the head's logit is the fitted regression, and it finds a planted word."""
-    from imr_model.modeling import IMRClassifier
+def _pooled_by_hand(vectors: np.ndarray, ids: np.ndarray, n: int, pooling: str) -> np.ndarray:
+    """Item rows from window rows without imr_model.pooling: mean, last, or mean + last of each item's windows."""
+    mean = np.stack([vectors[ids == i].mean(axis=0) for i in range(n)])
+    last = np.stack([vectors[ids == i][-1] for i in range(n)])
+    return {"mean": mean, "last": last, "mean_last": mean + last}[pooling]
 
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_probe_outcome_head_is_the_regression_on_pooled_vectors(tiny_config, label_names, pooling):
+    """fit_heads(refit_outcome=True): the weights written into the outcome head are heads.fit_outcome on the pooled
+    window vectors, so the classifier's logit is X @ w + b; it returns the fit's out-of-fold logits and finds a
+    planted word in unseen items."""
     torch.manual_seed(0)
     model_cfg = tiny_config.model.model_copy(update={"pooling": pooling, "window_unit": "sentences"})
-    cfg = tiny_config.model_copy(update={"model": model_cfg})
     clf = IMRClassifier.build(model_cfg, label_names)
-    train, test = _planted_split(30, label_names, 0), _planted_split(15, label_names, 1)
-    info, oof = refit_outcome_head(clf, clf.make_windows(train.texts), train, cfg)
-    assert info["C"] in cfg.train.outcome_head_Cs and info["folds"] == 5
-    from sklearn.metrics import roc_auc_score
-
+    at_end = pooling == "last"  # the planted sentence where the pooling reads it
+    train, test = _planted_split(30, label_names, 0, last=at_end), _planted_split(15, label_names, 1, last=at_end)
+    windows = clf.make_windows(train.texts)
+    attended, _ = clf.window_vectors(windows)
+    direct = heads.fit_outcome(pool(attended.double(), windows.item_ids, len(train), pooling).numpy(), train.y,
+                               train.group_ids)  # fmt: skip
+    oof = clf.fit_heads(train.texts, windows, train.y, train.Y, train.group_ids, refit_outcome=True,
+                        decoding="independent")  # fmt: skip
+    info = clf.metrics["outcome_head_refit"]
+    assert info == direct.info and info["C"] in heads.OUTCOME_CS and info["folds"] == 5
     # the returned out-of-fold logits are those the chosen C was scored on
-    assert oof.shape == (len(train),) and not np.isnan(oof).any()
+    assert oof.shape == (len(train),) and not np.isnan(oof).any() and np.array_equal(oof, direct.oof)
     assert roc_auc_score(train.y, oof) == pytest.approx(info["cv_auroc_by_C"][str(info["C"])])
-    # Independently: mean of each item's attention-pooled window vectors (+ its last one for mean_last),
-    # through the head's weights; the window bias enters once per pooled term.
-    windows = clf.make_windows(test.texts)
+    w = clf.net.outcome_head.weight.detach().numpy()[0]
+    b = float(clf.net.outcome_head.bias.detach()) * bias_multiplicity(pooling)
+    assert np.allclose(w, direct.weight, rtol=1e-5, atol=1e-7) and b == pytest.approx(direct.bias, rel=1e-5, abs=1e-6)
+    # Independently: each unseen item's attention-pooled window vectors, pooled by hand, through the fitted regression.
+    w_test = clf.make_windows(test.texts)
     with torch.no_grad():
-        attended, _ = clf.net.encode(windows.input_ids, windows.attention_mask)
-    ids = windows.item_ids.numpy()
-    X = np.stack([attended[ids == i].mean(dim=0).numpy() for i in range(len(test))])
-    n_terms = 1
-    if pooling == "mean_last":
+        att_test, _ = clf.net.encode(w_test.input_ids, w_test.attention_mask)
+    ids = w_test.item_ids.numpy()
+    if pooling != "mean":
         assert all((ids == i).sum() >= 2 for i in range(len(test)))  # else last and mean coincide
-        X = X + np.stack([attended[ids == i][-1].numpy() for i in range(len(test))])
-        n_terms = 2
-    expected = X @ clf.net.outcome_head.weight.detach().numpy()[0] + n_terms * float(clf.net.outcome_head.bias.detach())
+    X = _pooled_by_hand(att_test.double().numpy(), ids, len(test), pooling)
     logits, _ = clf.predict_logits(test.texts)
-    assert np.allclose(logits, expected, atol=1e-3)
+    assert np.allclose(logits, X @ direct.weight + direct.bias, atol=1e-3)
     assert roc_auc_score(test.y, logits) > 0.9  # the planted word separates unseen items
 
 
-def test_logistic_outcome_head_fits_the_evidence_term(tiny_config, label_names):
+def test_probe_outcome_head_fits_the_evidence_term(tiny_config, label_names):
     """model.outcome_cues: the regression also weighs the evidence cues; logit = pooled head + evidence @ v."""
-    from sklearn.metrics import roc_auc_score
-
     from imr_model.cues import evidence_matrix, evidence_names
-    from imr_model.modeling import IMRClassifier
 
     torch.manual_seed(0)
     model_cfg = tiny_config.model.model_copy(update={"pooling": "mean", "window_unit": "sentences", "outcome_cues": True})
-    cfg = tiny_config.model_copy(update={"model": model_cfg})
 
     def split(n_letters: int, seed: int) -> Split:  # Upheld items say what the record lacks, twice
         rng = np.random.default_rng(seed)
@@ -191,13 +221,20 @@ def test_logistic_outcome_head_fits_the_evidence_term(tiny_config, label_names):
 
     clf = IMRClassifier.build(model_cfg, label_names)
     train, test = split(30, 0), split(15, 1)
-    refit_outcome_head(clf, clf.make_windows(train.texts), train, cfg)
+    windows = clf.make_windows(train.texts)
+    attended, _ = clf.window_vectors(windows)
+    direct = heads.fit_outcome(pool(attended.double(), windows.item_ids, len(train), "mean").numpy(), train.y,
+                               train.group_ids, evidence_matrix(train.texts).astype(np.float64))  # fmt: skip
+    clf.fit_heads(train.texts, windows, train.y, train.Y, train.group_ids, refit_outcome=True, decoding="independent")
     v = dict(zip(evidence_names(), clf.net.outcome_cues.weight.detach().numpy()[0]))
+    assert np.allclose(list(v.values()), direct.evidence_weight, rtol=1e-5, atol=1e-6)
     assert v["evidence:there_is_no"] < 0  # "there is no ..." pushes towards Upheld
+    assert clf.metrics["outcome_head_refit"]["evidence_weights"]["evidence:there_is_no"] == pytest.approx(
+        v["evidence:there_is_no"], abs=1e-4)  # fmt: skip
     logits, _ = clf.predict_logits(test.texts)
-    windows = clf.make_windows(test.texts)
-    o, g = clf.forward_windows(windows)
-    pooled, _ = clf.pool(o, g, windows.item_ids.numpy(), len(test))
+    w_test = clf.make_windows(test.texts)
+    o, g = clf.forward_windows(w_test)
+    pooled, _ = clf.pool(o, g, w_test.item_ids.numpy(), len(test))
     assert np.allclose(logits, pooled + evidence_matrix(test.texts) @ np.array(list(v.values())), atol=1e-4)
     assert roc_auc_score(test.y, logits) > 0.95
 
@@ -221,67 +258,61 @@ def _planted_guideline_split(n_letters: int, label_names, seed: int) -> Split:
     return Split(texts, np.zeros(len(texts)), Y, groups=groups)
 
 
-def test_logistic_guideline_head_is_the_joint_regression(tiny_config, label_names):
-    """train.guideline_head=logistic: item logits = [pooled vectors, cues, TF-IDF] @ W + b, fit per label;
-    the TF-IDF term finds a planted guideline name and the fit survives save/load."""
+def test_guideline_head_is_the_joint_regression_plus_the_cue_prior(tiny_config, label_names, tmp_path):
+    """fit_heads: guideline logits = [pooled mean vectors, cues, TF-IDF] @ W + b, fit per label (C by grouped CV), plus
+    the cue prior CUE_PRIOR·s/(n + s) on the cues naming each label; the TF-IDF term finds a planted guideline name,
+    the outcome head is left alone without refit_outcome, and the fit survives save/load."""
+    from scipy import sparse
+    from sklearn.linear_model import LogisticRegression
+
     from imr_model.baseline import TfidfFeatures
-    from imr_model.modeling import IMRClassifier, pool_logits
+    from imr_model.cues import cue_matrix, label_cue_columns
 
     torch.manual_seed(0)
-    model_cfg = tiny_config.model.model_copy(update={"guideline_pooling": "mean", "window_unit": "sentences",
-                                                     "guideline_tfidf": True})  # fmt: skip
-    cfg = tiny_config.model_copy(update={"model": model_cfg,
-                                         "train": tiny_config.train.model_copy(update={"guideline_head": "logistic",
-                                                                                       "head_epochs": 0,
-                                                                                       "guideline_cue_prior": 0.0,
-                                                                                       # the C search then ignores
-                                                                                       # the prior (see below)
-                                                                                       "guideline_decoding": "independent"})})  # fmt: skip
+    model_cfg = tiny_config.model.model_copy(update={"window_unit": "sentences", "guideline_tfidf": True})
     train, test = _planted_guideline_split(40, label_names, 0), _planted_guideline_split(20, label_names, 1)
     clf = IMRClassifier.build(model_cfg, label_names, tfidf=TfidfFeatures.fit(train.texts, max_features=500))
     assert clf.net.guideline_tfidf.in_features == len(clf.tfidf) <= 500
-    info = refit_guideline_logistic(clf, clf.make_windows(train.texts), train, cfg)
-    assert info["C"] in cfg.train.guideline_head_Cs and info["folds"] == 5
-    assert set(info["cv_micro_f1_by_C"]) == {str(c) for c in cfg.train.guideline_head_Cs}
+    outcome_before = clf.net.outcome_head.weight.detach().clone()
+    w_train = clf.make_windows(train.texts)
+    assert clf.fit_heads(train.texts, w_train, train.y, train.Y, train.group_ids, refit_outcome=False,
+                         decoding="independent") is None  # fmt: skip
+    assert torch.equal(clf.net.outcome_head.weight, outcome_before) and "outcome_head_refit" not in clf.metrics
+    info = clf.metrics["guideline_head_refit"]
+    assert info["C"] in heads.GUIDELINE_CS and info["folds"] == 5 and info["decoding"] == "independent"
+    assert set(info["cv_micro_f1_by_C"]) == {str(c) for c in heads.GUIDELINE_CS}
     _, logits = clf.predict_logits(test.texts)
-    # Independently: refit the same regression with scikit-learn on the same design matrix.
-    from sklearn.linear_model import LogisticRegression
-    from imr_model.training import _scales, _window_vectors
+    # Independently: the prior's shift, and the same regressions refit with scikit-learn on the same design matrix.
+    n = train.Y.sum(axis=0)
+    prior = heads.CUE_PRIOR * heads.CUE_PRIOR_SUPPORT / (n + heads.CUE_PRIOR_SUPPORT)
+    cues = cue_matrix(test.texts)
+    named = np.stack([cues[:, columns].sum(axis=1) for columns in label_cue_columns(label_names)], axis=1)
+    neck = label_names.index("ACOEM_NECK")  # "ACOEM ... cervical spine" names it; training never saw it
+    assert info["cue_prior"]["ACOEM_NECK"] == pytest.approx(heads.CUE_PRIOR) and n[neck] == 0
+    assert (named[:, neck] > 0).any() and np.array_equal(logits[:, neck] > 0, named[:, neck] > 0)
+    fitted = logits - named * prior[None, :]
 
-    w_train, w_test = clf.make_windows(train.texts), clf.make_windows(test.texts)
-    pooled = lambda w, n: pool_logits(_window_vectors(clf, w, 32)[1].double(), w.item_ids, n, "mean").numpy()  # noqa: E731
-    p_train = pooled(w_train, len(train))
-    scales = _scales(p_train)
-    F_train = guideline_features(clf, p_train, train.texts, scales)
-    F_test = guideline_features(clf, pooled(w_test, len(test)), test.texts, scales)
+    def design(split, windows, mu_sd=None):
+        _, mean = clf.window_vectors(windows)
+        P = pool(mean.double(), windows.item_ids, len(split), GUIDELINE_POOLING).numpy()
+        mu, sd = mu_sd or heads.scales(P)
+        vec = (P - mu) / sd * (heads.VECTOR_BLOCK_WEIGHT / math.sqrt(P.shape[1]))
+        F = sparse.hstack([sparse.csr_matrix(vec), sparse.csr_matrix(cue_matrix(split.texts) * heads.CUE_BLOCK_WEIGHT),
+                           clf.tfidf.transform(split.texts)]).tocsr()  # fmt: skip
+        return F, (mu, sd)
+
+    F_train, mu_sd = design(train, w_train)
+    F_test, _ = design(test, clf.make_windows(test.texts), mu_sd)
     for j in (0, 1):
         ref = LogisticRegression(C=info["C"], class_weight="balanced", max_iter=2000).fit(F_train, train.Y[:, j])
-        assert np.allclose(logits[:, j], ref.decision_function(F_test), atol=1e-3)
+        assert np.allclose(fitted[:, j], ref.decision_function(F_test), atol=1e-3)
     assert np.array_equal(logits[:, 0] > 0, test.Y[:, 0] > 0)  # the planted name decides label 0 on unseen items
-    assert np.all(logits[:, 2:] < 0)  # labels never seen in training stay off
-    # The cue prior: each label's naming cues get prior * s / (n + s) on top of the fitted weights.
-    from imr_model.cues import cue_matrix, label_cue_columns
-
-    prior_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"guideline_cue_prior": 8.0})})
-    info = refit_guideline_logistic(clf, w_train, train, prior_cfg)
-    assert info["cue_prior"]["ACOEM_NECK"] == pytest.approx(8.0)  # never seen: the full prior
-    shifted = clf.predict_logits(test.texts)[1]
-    n = train.Y.sum(axis=0)
-    expected = np.zeros_like(shifted)
-    cues = cue_matrix(test.texts)
-    for j, columns in enumerate(label_cue_columns(label_names)):
-        expected[:, j] = cues[:, columns].sum(axis=1) * 8.0 * 3.0 / (n[j] + 3.0)
-    assert np.allclose(shifted - logits, expected, atol=1e-3)
-    neck = list(label_names).index("ACOEM_NECK")  # "ACOEM ... cervical spine" names it; training never saw it
-    assert n[neck] == 0 and np.array_equal(shifted[:, neck] > 0, cues[:, label_cue_columns(["ACOEM_NECK"])[0]].sum(1) > 0)
-    assert (shifted[:, neck] > 0).any()
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        clf.save_pretrained(tmp)
-        loaded = IMRClassifier.from_pretrained(tmp)
-        assert loaded.tfidf.vocabulary == clf.tfidf.vocabulary
-        assert np.allclose(loaded.predict_logits(test.texts)[1], shifted, atol=1e-5)
+    assert np.all(fitted[:, 2:] < 0)  # labels never seen in training stay off, but for their naming cues
+    assert np.all(clf.guideline_thresholds == bound_probability(0.5)) and clf.guideline_basis == ()
+    clf.save_pretrained(tmp_path)
+    loaded = IMRClassifier.from_pretrained(tmp_path)
+    assert loaded.tfidf.vocabulary == clf.tfidf.vocabulary
+    assert np.allclose(loaded.predict_logits(test.texts)[1], logits, atol=1e-5)
 
 
 def test_one_basis_decoding_is_chosen_out_of_fold_and_gives_each_item_one_basis(tiny_config, label_names):
@@ -290,7 +321,6 @@ def test_one_basis_decoding_is_chosen_out_of_fold_and_gives_each_item_one_basis(
     from imr_model.baseline import TfidfFeatures
     from imr_model.calibration import BASIS_EXTRA_GRID
     from imr_model.metrics import guideline_metrics
-    from imr_model.modeling import IMRClassifier
     from imr_model.taxonomy import load_taxonomy
 
     names = list(label_names)
@@ -315,19 +345,20 @@ def test_one_basis_decoding_is_chosen_out_of_fold_and_gives_each_item_one_basis(
             groups.append(f"L{i // 2}")
         return Split(texts, np.zeros(n), Y, groups=groups)
 
+    def fit(clf, s: Split, decoding: str) -> dict:
+        clf.fit_heads(s.texts, clf.make_windows(s.texts), s.y, s.Y, s.group_ids, refit_outcome=False, decoding=decoding)
+        return clf.metrics["guideline_head_refit"]
+
     torch.manual_seed(0)
-    model_cfg = tiny_config.model.model_copy(update={"guideline_pooling": "mean", "window_unit": "sentences",
-                                                     "guideline_tfidf": True})  # fmt: skip
-    train_cfg = tiny_config.train.model_copy(update={"guideline_head": "logistic", "head_epochs": 0,
-                                                     "guideline_decoding": "one_basis"})  # fmt: skip
-    cfg = tiny_config.model_copy(update={"model": model_cfg, "train": train_cfg})
+    model_cfg = tiny_config.model.model_copy(update={"window_unit": "sentences", "guideline_tfidf": True})
     train, test = split(80, 0), split(40, 1)
     clf = IMRClassifier.build(model_cfg, names, tfidf=TfidfFeatures.fit(train.texts, max_features=500))
-    info = refit_guideline_logistic(clf, clf.make_windows(train.texts), train, cfg)
+    info = fit(clf, train, "one_basis")
     assert info["decoding"] == "one_basis" and info["basis_extra"] in BASIS_EXTRA_GRID
     assert set(info["cv_micro_f1_by_basis_extra"]) == {"independent", *map(str, BASIS_EXTRA_GRID)}
     assert info["cv_micro_f1_by_basis_extra"][str(info["basis_extra"])] == max(info["cv_micro_f1_by_basis_extra"].values())
     assert clf.guideline_basis == tuple(n for n in names if n in load_taxonomy().decision_basis)
+    assert clf.guideline_basis_extra == info["basis_extra"]
     _, P = clf.predict_proba(test.texts)
     decided = clf.decide_guidelines(P)
     basis = [names.index(b) for b in clf.guideline_basis]
@@ -339,8 +370,7 @@ def test_one_basis_decoding_is_chosen_out_of_fold_and_gives_each_item_one_basis(
     independent = guideline_metrics(test.Y, (P >= 0.5).astype(int), names)["micro_f1"]
     assert (((P[:, basis] >= 0.5).sum(axis=1)) != 1).any()  # independent decisions left items with none or two
     assert one >= independent
-    off = cfg.model_copy(update={"train": train_cfg.model_copy(update={"guideline_decoding": "independent"})})
-    assert refit_guideline_logistic(clf, clf.make_windows(train.texts), train, off)["basis_extra"] is None
+    assert fit(clf, train, "independent")["basis_extra"] is None
     assert clf.guideline_basis == () and np.array_equal(clf.decide_guidelines(P), (P >= 0.5).astype(int))
 
     # labels that do not follow the structure (each chapter cited or not on its own, so some items have
@@ -352,53 +382,52 @@ def test_one_basis_decoding_is_chosen_out_of_fold_and_gives_each_item_one_basis(
         Y[i, on] = 1
         texts.append(" ".join(["The injured worker reports pain."] + [named[j] for j in on]))
     loose = Split(texts, np.zeros(80), Y, groups=[f"L{i // 2}" for i in range(80)])
-    info = refit_guideline_logistic(clf, clf.make_windows(loose.texts), loose, cfg)
+    info = fit(clf, loose, "one_basis")
     scores = info["cv_micro_f1_by_basis_extra"]
     assert scores["independent"] > max(v for key, v in scores.items() if key != "independent")
     assert info["decoding"] == "independent" and info["basis_extra"] is None and clf.guideline_basis == ()
 
 
-def test_fit_on_validation_fits_heads_on_both_and_calibrates_out_of_fold(tiny_config, label_names):
-    """train.fit_on_validation: same heads as training on train + validation; temperature/threshold from OOF logits."""
-    from imr_model.calibration import bound_probability, fit_temperature, fit_threshold
-    from imr_model.training import concat_splits
-
-    update = {"epochs": 0, "head_epochs": 0, "outcome_head": "logistic", "guideline_head": "logistic"}
-    model_cfg = tiny_config.model.model_copy(update={"pooling": "mean_last", "guideline_pooling": "mean",
-                                                     "window_unit": "sentences"})  # fmt: skip
-    base = tiny_config.model_copy(update={"model": model_cfg, "train": tiny_config.train.model_copy(update=update)})
-    on_val = base.model_copy(update={"train": base.train.model_copy(update={"fit_on_validation": True})})
+def test_probe_recipe_fits_both_heads_on_train_and_validation_and_calibrates_out_of_fold(tiny_config, label_names):
+    """train.recipe=probe: the encoder is not trained; both heads are the logistic fits on train + validation (the
+    outcome head exactly heads.fit_outcome on the pooled vectors); temperature and threshold come from the outcome
+    fit's grouped out-of-fold logits."""
+    cfg = _cfg(tiny_config, "train.recipe=probe", "model.pooling=mean_last", "model.window_unit=sentences")
     train, val = _planted_split(30, label_names, 0), _planted_split(10, label_names, 1)
     val.groups = [f"V{g}" for g in val.groups]  # other letters than the training split's
-    clf, _ = train_classifier(on_val, train, val, label_names, quiet=True)
+    clf, history = train_classifier(cfg, train, val, label_names, quiet=True)
+    assert history == [] and "best_epoch" not in clf.metrics
     both = concat_splits(train, val)
-    ref, _ = train_classifier(base, both, val, label_names, quiet=True)  # heads fit on the same 80 items
-    assert torch.equal(clf.net.outcome_head.weight, ref.net.outcome_head.weight)
+    seed_everything(cfg.seed)  # the same random encoder train_classifier built
+    ref = IMRClassifier.build(cfg.model, label_names)
+    for (name, a), b in zip(clf.net.encoder.state_dict().items(), ref.net.encoder.state_dict().values()):
+        assert torch.equal(a, b), name  # nothing fine-tuned
+    windows = ref.make_windows(both.texts)
+    attended, _ = ref.window_vectors(windows)
+    direct = heads.fit_outcome(pool(attended.double(), windows.item_ids, len(both), "mean_last").numpy(), both.y,
+                               both.group_ids)  # fmt: skip
+    assert clf.metrics["outcome_head_refit"] == direct.info and direct.info["folds"] == 5
+    assert np.allclose(clf.net.outcome_head.weight.detach().numpy()[0], direct.weight, rtol=1e-5, atol=1e-7)
+    assert 2 * float(clf.net.outcome_head.bias.detach()) == pytest.approx(direct.bias, rel=1e-5, abs=1e-6)  # mean_last: twice
+    ref.fit_heads(both.texts, windows, both.y, both.Y, both.group_ids, refit_outcome=True,
+                  decoding=cfg.train.guideline_decoding, seed=cfg.seed)  # fmt: skip
     assert torch.equal(clf.net.guideline_head.weight, ref.net.guideline_head.weight)
-    assert clf.metrics["calibrated_on"].endswith(f"{len(both)} train + validation items")
-    _, oof = refit_outcome_head(ref, ref.make_windows(both.texts), both, base)
-    assert clf.temperature == pytest.approx(fit_temperature(oof, both.y))
-    assert clf.temperature != pytest.approx(ref.temperature)  # the reference calibrated on validation instead
-    p = 1 / (1 + np.exp(-oof / clf.temperature))
-    assert clf.outcome_threshold == pytest.approx(bound_probability(fit_threshold(both.y, p, base.train.threshold_rule)))
+    assert torch.equal(clf.net.outcome_head.weight, ref.net.outcome_head.weight)
+    assert clf.metrics["calibrated_on"] == f"grouped out-of-fold logits of {len(both)} train + validation items"
+    assert clf.temperature == pytest.approx(fit_temperature(direct.oof, both.y))
+    assert clf.temperature != pytest.approx(1.0)
+    p = expit(direct.oof / clf.temperature)
+    assert clf.outcome_threshold == pytest.approx(bound_probability(half_max_f1_threshold(both.y, p)))
     assert np.all(clf.guideline_thresholds == 0.5)
 
 
-def test_head_config_errors():
-    from imr_model.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError, match="pooling mean, last or mean_last"):
-        load_config("tiny", ["train.outcome_head=logistic", "model.pooling=max"])
-    with pytest.raises(ConfigError, match="outcome_head: logistic"):
-        load_config("tiny", ["train.epochs=0"])
-    with pytest.raises(ConfigError, match="guideline_pooling mean, last or mean_last"):
-        load_config("tiny", ["train.guideline_head=logistic", "train.head_epochs=0", "model.guideline_pooling=max"])
-    with pytest.raises(ConfigError, match="head_epochs: 0"):
-        load_config("tiny", ["train.guideline_head=logistic", "model.guideline_pooling=mean"])
-    with pytest.raises(ConfigError, match="guideline_tfidf.*guideline_head: logistic"):
-        load_config("tiny", ["model.guideline_tfidf=true"])
-    with pytest.raises(ConfigError, match="fit_on_validation needs train.epochs: 0"):
-        load_config("tiny", ["train.fit_on_validation=true"])
+def test_probe_recipe_needs_folds_with_both_outcomes(tiny_config, label_names):
+    cfg = _cfg(tiny_config, "train.recipe=probe")
+    train = Split(["It is not medically necessary."] * 4 + ["It is medically necessary."], [0, 0, 0, 0, 1],
+                  np.zeros((5, len(label_names))), groups=["a", "b", "c", "d", "e"])  # fmt: skip
+    val = Split(["It is not medically necessary."] * 2, [0, 0], np.zeros((2, len(label_names))), groups=["f", "g"])
+    with pytest.raises(ValueError, match=r"train.recipe: probe calibrates on grouped out-of-fold logits.*1 Overturned"):
+        train_classifier(cfg, train, val, label_names, quiet=True)
 
 
 def test_train_classifier_input_errors(tiny_config, label_names):
@@ -409,15 +438,108 @@ def test_train_classifier_input_errors(tiny_config, label_names):
         train_classifier(tiny_config, Split(["a"], [0], np.zeros((1, 3))), one, label_names)
 
 
-@pytest.mark.slow
-def test_run_training_without_mlflow_saves_model_and_baseline(tiny_config, tmp_path):
-    """Also the shipped configs' guideline setup end to end: logistic head with cue and TF-IDF terms."""
-    from imr_model.config import load_config
+def test_training_needs_data_and_a_current_config(tiny_config, tmp_path):
+    """No data → an error saying how to get some (demo letters are no longer a config switch); a retired key on the
+    command line → exit 2 with what replaces it; --cv 1 is refused before anything runs."""
+    from typer.testing import CliRunner
 
-    cfg = load_config("tiny", [f"output_dir={tiny_config.output_dir}", "mlflow.enabled=false", "train.head_epochs=0",
-                               "train.guideline_head=logistic", "model.guideline_tfidf=true",
-                               "model.guideline_pooling=mean"])  # fmt: skip
-    result = run_training(cfg, None, quiet=True)
+    from imr_model.cli import app
+    from imr_model.config import ConfigError
+    from imr_model.experiment import (
+        TrainResult,
+        load_training_records,
+        result_lines,
+        train_from_config,
+    )
+
+    for call in (lambda: run_training(tiny_config), lambda: run_training(tiny_config, []),
+                 lambda: load_training_records([])):  # fmt: skip
+        with pytest.raises(ValueError, match="no training data: give --data.*imr data demo"):
+            call()
+    with pytest.raises(ValueError, match="no labelled items found"):
+        load_training_records([str(tmp_path)])
+    with pytest.raises(ValueError, match="--cv must be 0"):
+        train_from_config("tiny", None, cv=1)
+    with pytest.raises(ConfigError, match="train.fit_on_validation was removed.*train.recipe: probe"):
+        train_from_config("tiny", None, ["train.fit_on_validation=true"])
+    bad = CliRunner().invoke(app, ["train", "--config", "tiny", "--set", "train.fit_on_validation=true"])
+    assert bad.exit_code == 2 and "train.recipe: probe" in bad.output
+    bad = CliRunner().invoke(app, ["train", "--config", "tiny", "--set", "train.epoch=2"])
+    assert bad.exit_code == 2 and "unknown key 'train.epoch'" in bad.output
+    lines = result_lines(TrainResult(model_dir=tmp_path / "m", metrics={}, table="TABLE", run_id="abc",
+                                     model_uri="models:/imr-classifier/3", version="3"))  # fmt: skip
+    assert lines == ["TABLE", f"model directory: {tmp_path / 'm'}",
+                     "MLflow run: abc  registered: models:/imr-classifier/3 (alias candidate)"]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", [pytest.param("finetune", marks=pytest.mark.slow), "probe"])
+def test_each_recipe_trains_end_to_end_and_round_trips(tiny_config, demo_records, tmp_path, monkeypatch, recipe):
+    """Both recipes on the tiny config and the demo records: `run_training` fits, scores the held-out splits the
+    recipe did not fit on, and saves a directory whose model gives the fitted model's probabilities exactly."""
+    from imr_model import experiment
+    from imr_model.dataset import build_dataset
+
+    cfg = _cfg(tiny_config, f"train.recipe={recipe}", "mlflow.enabled=false")
+    fitted = {}
+    save = experiment._save
+
+    def keep(cfg, clf, *args, **kwargs):  # the model as fitted, before it is written
+        fitted["clf"] = clf
+        return save(cfg, clf, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "_save", keep)
+    result = run_training(cfg, records=demo_records, quiet=True)
+    assert result.run_id is None and result.model_dir.parent == tmp_path / "models"
+    held_out = {"finetune": {"validation", "test"}, "probe": {"test"}}[recipe]  # probe fits on validation
+    assert held_out == {k for k in ("validation", "test") if k in result.metrics}
+    for split in held_out:
+        assert set(result.metrics[split]) == {"majority", "tfidf", "model"}
+        assert f"{split}/model" in result.table
+    assert ("validation/" in result.table) == (recipe == "finetune")
+    calibrated_on = {"finetune": "validation items", "probe": "train + validation items"}[recipe]
+    assert result.metrics["calibrated_on"].endswith(calibrated_on)
+    assert ("best_epoch" in result.metrics) == (recipe == "finetune")
+    assert ("outcome_head_refit" in result.metrics) == (recipe == "probe") and "guideline_head_refit" in result.metrics
+    loaded = IMRClassifier.from_pretrained(result.model_dir)
+    clf = fitted["clf"]
+    dd = build_dataset(demo_records, seed=cfg.seed, val_size=cfg.data.val_size, test_size=cfg.data.test_size)
+    test = records_to_split(list(dd["test"]), cfg.model.text_view, loaded.label_names)
+    texts = test.texts + ["", "There is no documentation of functional improvement."]
+    for a, b in zip(clf.predict_proba(texts), loaded.predict_proba(texts)):
+        assert np.array_equal(a, b)
+    assert loaded.calibration_dict() == clf.calibration_dict()
+    as_json = lambda x: json.dumps(x, sort_keys=True, default=lambda v: v.tolist())  # NaN-safe equality
+    assert as_json(loaded.config.model_dump(mode="json")) == as_json(clf.config.model_dump(mode="json"))
+    assert loaded.config.data_source == f"demo:records:{len(demo_records)}" and loaded.config.version
+    assert as_json(loaded.metrics) == as_json(clf.metrics)
+    # what training reported on the test split is what the saved model scores there
+    from imr_model.training import evaluate
+
+    assert as_json(evaluate(loaded, test, loaded.label_names)) == as_json(result.metrics["test"]["model"])
+
+
+def test_probe_baseline_fits_on_train_and_validation(tiny_config, label_names):
+    """The TF-IDF baseline sees the items the classifier's heads see: train + validation under the probe recipe
+    (uncalibrated thresholds 0.5), train alone under finetune."""
+    from imr_model.experiment import fit_baseline
+
+    cfg = _cfg(tiny_config, "train.recipe=probe")
+    train, val = _planted_split(20, label_names, 0), _planted_split(8, label_names, 1)
+    val.texts = [t + " Quixotrel was noted." for t in val.texts]
+    val.groups = [f"V{g}" for g in val.groups]
+    baseline = fit_baseline(cfg, train, val, label_names)
+    assert "quixotrel" in baseline.vocabulary
+    assert baseline.outcome_threshold == 0.5 and np.all(baseline.guideline_thresholds == 0.5)
+    assert baseline.temperature != 1.0  # calibrated on grouped out-of-fold logits
+    assert "quixotrel" not in fit_baseline(tiny_config, train, val, label_names).vocabulary
+
+
+@pytest.mark.slow
+def test_run_training_without_mlflow_saves_model_and_baseline(tiny_config, demo_records, tmp_path):
+    """Also the shipped configs' guideline setup end to end: logistic head with cue and TF-IDF terms; then
+    `imr evaluate` on letters written to disk."""
+    cfg = _cfg(tiny_config, "mlflow.enabled=false", "model.guideline_tfidf=true")
+    result = run_training(cfg, records=demo_records, quiet=True)
     assert result.run_id is None
     assert (result.model_dir / "tfidf_vocabulary.json").is_file()
     assert set(json.loads((result.model_dir / "calibration.json").read_text())["guideline_thresholds"].values()) == {0.5}
@@ -429,6 +551,7 @@ def test_run_training_without_mlflow_saves_model_and_baseline(tiny_config, tmp_p
     assert (result.model_dir / BASELINE_DIR / "baseline.json").is_file()
     saved = json.loads((result.model_dir / "config.json").read_text())
     assert saved["data_digest"] == result.metrics["data_digest"] and saved["version"].startswith("tiny-")
+    assert saved["format_version"] == 4 and "guideline_pooling" not in saved and "context_view" not in saved
     assert "validation/tfidf" in result.table and "test/model" in result.table
 
     # imr evaluate on labelled letters written to disk
@@ -450,37 +573,11 @@ def test_run_training_without_mlflow_saves_model_and_baseline(tiny_config, tmp_p
     assert cli.exit_code == 0, cli.output
     assert "eval/tfidf" in cli.output
     assert json.loads(out.read_text())["evaluation"]["model"]["outcome"]["n"] == evaluation["n_items"]
-    bad = CliRunner().invoke(app, ["train", "--config", "tiny", "--set", "train.epoch=2"])
-    assert bad.exit_code == 2 and "unknown key 'train.epoch'" in bad.output
-
-
-def test_run_training_fit_on_validation_reports_held_out_rows_only(tiny_config, tmp_path, label_names):
-    """The masked/forecast setup: no fine-tuning, heads and baseline fit on train + validation, test rows only."""
-    from imr_model.config import load_config
-    from imr_model.experiment import fit_baseline
-
-    cfg = load_config("tiny", [f"output_dir={tiny_config.output_dir}", "mlflow.enabled=false", "train.epochs=0",
-                               "train.head_epochs=0", "train.outcome_head=logistic", "train.guideline_head=logistic",
-                               "train.fit_on_validation=true", "model.pooling=mean_last",
-                               "model.guideline_pooling=mean", "model.window_unit=sentences"])  # fmt: skip
-    result = run_training(cfg, None, quiet=True)
-    assert "test" in result.metrics and "validation" not in result.metrics  # validation items were fit on
-    assert "test/model" in result.table and "validation/" not in result.table
-    assert "train + validation items" in result.metrics["calibrated_on"]
-    # the baseline saw the validation items too: a word only they contain is in its vocabulary
-    train, val = _planted_split(20, label_names, 0), _planted_split(8, label_names, 1)
-    val.texts = [t + " Quixotrel was noted." for t in val.texts]
-    val.groups = [f"V{g}" for g in val.groups]
-    baseline = fit_baseline(cfg, train, val, label_names)
-    assert "quixotrel" in baseline.vocabulary
-    assert baseline.outcome_threshold == 0.5 and np.all(baseline.guideline_thresholds == 0.5)
-    off = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fit_on_validation": False})})
-    assert "quixotrel" not in fit_baseline(off, train, val, label_names).vocabulary
 
 
 @pytest.mark.slow
 def test_cross_validation_scores_every_item_once(tiny_config, demo_records, label_names):
-    cfg = tiny_config.model_copy(update={"train": tiny_config.train.model_copy(update={"epochs": 1})})
+    cfg = _cfg(tiny_config, "train.epochs=1")
     out = cross_validate(cfg, demo_records, 2, label_names, quiet=True)
     assert set(out) == {"majority", "tfidf", "model", "_y"}
     assert out["model"]["outcome"]["n"] == len(demo_records)
@@ -490,13 +587,14 @@ def test_cross_validation_scores_every_item_once(tiny_config, demo_records, labe
 
 @pytest.mark.slow
 def test_pretrain_lowers_perplexity_and_writes_a_usable_backbone(tiny_config, demo_records, tmp_path, label_names,
-                                                                 capfd):  # fmt: skip
+                                                                 capfd, monkeypatch):  # fmt: skip
+    from imr_model import pretrain
     from imr_model.config import load_config
-    from imr_model.modeling import IMRClassifier
     from imr_model.pretrain import REPORT_FILE, backbone_report, run_pretrain
 
-    cfg = load_config("tiny", ["pretrain.epochs=3", "pretrain.max_length=32", "pretrain.head_warmup_steps=10",
-                               "pretrain.batch_size=16", "pretrain.learning_rate=1e-3"])  # fmt: skip
+    monkeypatch.setattr(pretrain, "HEAD_WARMUP_STEPS", 10)  # a constant since #20 (was pretrain.head_warmup_steps)
+    cfg = load_config("tiny", ["pretrain.epochs=3", "pretrain.max_length=32", "pretrain.batch_size=16",
+                               "pretrain.learning_rate=1e-3"])  # fmt: skip
     out = tmp_path / "backbone"
     report = run_pretrain(cfg, demo_records[:30], out, quiet=True)
     assert "Writing model shards" not in capfd.readouterr().err  # quiet: no transformers bar either
@@ -515,15 +613,17 @@ def test_pretrain_lowers_perplexity_and_writes_a_usable_backbone(tiny_config, de
 
 
 @pytest.mark.slow
-def test_pretraining_is_reproducible_and_seeded(demo_records, tmp_path):
+def test_pretraining_is_reproducible_and_seeded(demo_records, tmp_path, monkeypatch):
     """Same config + seed + letters -> bitwise the same adapted backbone (the --cv folds and the final model
     rely on it); another seed -> another backbone."""
     from safetensors.torch import load_file
 
+    from imr_model import pretrain
     from imr_model.config import load_config
     from imr_model.pretrain import run_pretrain
 
-    sets = ["pretrain.epochs=1", "pretrain.max_length=32", "pretrain.head_warmup_steps=3", "pretrain.batch_size=16"]
+    monkeypatch.setattr(pretrain, "HEAD_WARMUP_STEPS", 3)
+    sets = ["pretrain.epochs=1", "pretrain.max_length=32", "pretrain.batch_size=16"]
     reports, weights = [], []
     for run, seed in (("a", 7), ("b", 7), ("c", 8)):
         out = tmp_path / run
@@ -557,71 +657,35 @@ def test_pretraining_minilm_names_its_fresh_mlm_head_instead_of_a_corrupted_chec
 
 
 @pytest.mark.slow
-def test_domain_adaptation_pretrains_on_the_training_letters_then_fits_on_that_encoder(tiny_config, caplog):
+def test_domain_adaptation_pretrains_on_the_training_letters_then_fits_on_that_encoder(tiny_config, demo_records,
+                                                                                      caplog, monkeypatch):  # fmt: skip
     """train.domain_adaptation: the saved model's encoder is the MLM-adapted one (not the seed's random init),
-    the run reports the perplexities and names the backbone; --cv adapts once per fold. Its report has an
-    `unadapted` row (train.compare_unadapted) that is exactly the same config's run without adaptation."""
-    from imr_model.config import apply_overrides
-    from imr_model.experiment import run_training
-    from imr_model.modeling import IMRClassifier
+    the run reports the perplexities and names the backbone; --cv adapts once per fold."""
+    from imr_model import pretrain
 
-    frozen = ["train.epochs=0", "train.outcome_head=logistic", "train.guideline_head=logistic", "train.head_epochs=0",
-              "model.pooling=mean", "pretrain.epochs=2", "pretrain.max_length=32", "pretrain.head_warmup_steps=5",
-              "pretrain.learning_rate=1e-3", "mlflow.enabled=false"]  # fmt: skip
-    plain_cfg = type(tiny_config).model_validate(apply_overrides(tiny_config.model_dump(), frozen))
-    adapted_cfg = type(tiny_config).model_validate(apply_overrides(plain_cfg.model_dump(), ["train.domain_adaptation=true"]))
-    plain = IMRClassifier.from_pretrained(run_training(plain_cfg, None, quiet=True).model_dir)
+    monkeypatch.setattr(pretrain, "HEAD_WARMUP_STEPS", 5)
+    plain_cfg = _cfg(tiny_config, "train.recipe=probe", "model.pooling=mean", "pretrain.epochs=2",
+                     "pretrain.max_length=32", "pretrain.learning_rate=1e-3", "mlflow.enabled=false")  # fmt: skip
+    adapted_cfg = _cfg(plain_cfg, "train.domain_adaptation=true")
+    plain = IMRClassifier.from_pretrained(run_training(plain_cfg, records=demo_records, quiet=True).model_dir)
     with caplog.at_level(logging.INFO, logger="imr_model.experiment"):
-        result = run_training(adapted_cfg, None, cv=2, quiet=True)
+        result = run_training(adapted_cfg, records=demo_records, cv=2, quiet=True)
     assert sum("domain adaptation: held-out MLM perplexity" in r.getMessage() for r in caplog.records) == 3  # 2 folds + final
     adapted = IMRClassifier.from_pretrained(result.model_dir)
     report = adapted.metrics["domain_adaptation"]
     assert report["perplexity_after"] < report["perplexity_before"] and report["steps"] > 0
-    assert adapted.config.backbone == "minilm + domain adaptation"
-    emb = lambda clf: clf.net.encoder.get_input_embeddings().weight  # noqa: E731
+    assert adapted.config.backbone == "minilm + domain adaptation" and plain.config.backbone == "minilm"
+    assert "domain_adaptation" not in plain.metrics
+    emb = lambda clf: clf.net.encoder.get_input_embeddings().weight
     assert emb(adapted).shape == emb(plain).shape and not torch.allclose(emb(adapted), emb(plain))
     p, _ = adapted.predict_proba(["There is no documentation of functional improvement."])
     assert 0 < p[0] < 1
     cv_model = adapted.metrics["cv"]["model"]["outcome"]
-    assert cv_model["n"] == adapted.metrics["cv"]["majority"]["outcome"]["n"] > 0 and 0 <= cv_model["auroc"] <= 1
-    # the comparison row: the plain run's model, to the last digit, on every held-out split and in CV
-    plain_metrics = plain.metrics
-    for split in ("validation", "test"):
-        assert adapted.metrics[split]["unadapted"] == plain_metrics[split]["model"]
-        assert adapted.metrics[split]["model"] != plain_metrics[split]["model"]
-    assert set(adapted.metrics["cv"]) == {"k", "majority", "tfidf", "unadapted", "model"}
-    assert adapted.metrics["cv"]["unadapted"]["outcome"]["n"] == cv_model["n"]
-    effect = [r.getMessage() for r in caplog.records if r.getMessage().startswith("domain adaptation, ")]
-    assert [m.split(":")[0] for m in effect] == ["domain adaptation, cv", "domain adaptation, validation",
-                                                 "domain adaptation, test"]  # fmt: skip
-    for split in ("cv", "validation", "test"):  # printed just above the adapted model's row
-        assert result.table.index(f"{split}/tfidf") < result.table.index(f"{split}/unadapted") < result.table.index(f"{split}/model")
-
-
-def test_unadapted_row_config(tiny_config, tmp_path):
-    """Which backbone the `unadapted` row uses: the configured one under train.domain_adaptation; the one named
-    in an `imr pretrain` directory's report, when that is on this machine; none without adaptation or when off."""
-    import json
-
-    from imr_model.config import apply_overrides
-    from imr_model.experiment import unadapted_config
-    from imr_model.pretrain import REPORT_FILE
-
-    def cfg(*overrides):
-        return type(tiny_config).model_validate(apply_overrides(tiny_config.model_dump(), list(overrides)))
-
-    assert unadapted_config(tiny_config) is None  # no adaptation in play
-    wired = unadapted_config(cfg("train.domain_adaptation=true"))
-    assert wired is not None and not wired.train.domain_adaptation and wired.model == tiny_config.model
-    assert unadapted_config(cfg("train.domain_adaptation=true", "train.compare_unadapted=false")) is None
-    backbone = tmp_path / "backbone-mlm"
-    backbone.mkdir()
-    (backbone / "config.json").write_text("{}", encoding="utf-8")
-    (backbone / REPORT_FILE).write_text(json.dumps({"backbone": "minilm"}), encoding="utf-8")
-    from_dir = unadapted_config(cfg(f"model.backbone={backbone}"))
-    assert from_dir is not None and from_dir.model.backbone == "minilm" and not from_dir.train.domain_adaptation
-    (backbone / REPORT_FILE).write_text(json.dumps({"backbone": str(tmp_path / "gone")}), encoding="utf-8")
-    assert unadapted_config(cfg(f"model.backbone={backbone}")) is None
+    assert cv_model["n"] == adapted.metrics["cv"]["majority"]["outcome"]["n"] == len(demo_records)
+    assert 0 <= cv_model["auroc"] <= 1
+    assert set(adapted.metrics["cv"]) == {"k", "majority", "tfidf", "model"}  # no `unadapted` row any more
+    assert set(adapted.metrics["test"]) == {"majority", "tfidf", "model"} and "validation" not in adapted.metrics
+    assert adapted.metrics["test"]["model"] != plain.metrics["test"]["model"]
 
 
 def test_training_log_handler_writes_to_the_current_stderr_not_a_closed_earlier_one(monkeypatch):
@@ -630,7 +694,7 @@ def test_training_log_handler_writes_to_the_current_stderr_not_a_closed_earlier_
     import io
     import sys
 
-    from train.train import _StderrHandler
+    from imr_model.logs import _StderrHandler
 
     before, after = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stderr", before)
@@ -645,76 +709,3 @@ def test_training_log_handler_writes_to_the_current_stderr_not_a_closed_earlier_
     finally:
         log.removeHandler(handler)
     assert after.getvalue() == "fold 3 done\n"
-
-
-def _context_split(n_letters: int, label_names, seed: int) -> Split:
-    """Model inputs whose signal sits only in the context part: the planted word closes the context of Overturned items."""
-    from imr_model.views import CONTEXT_SEPARATOR
-
-    plain = _planted_split(n_letters, label_names, seed)
-    rng = np.random.default_rng(seed + 100)
-    filler = ["Request: lumbar MRI.", "The worker was seen in clinic on several occasions for back pain."]
-    texts = []
-    for label in plain.y:
-        main = " ".join(rng.choice(["The guideline criteria are discussed below.", "Records were reviewed in full."],
-                                   size=2, replace=False))  # fmt: skip
-        last = "Zolvaxin improved function markedly." if label else "The worker reports ongoing pain at rest."
-        texts.append(main + CONTEXT_SEPARATOR + " ".join(filler) + " " + last)
-    return Split(texts, plain.y, plain.Y, groups=plain.groups)
-
-
-def test_context_head_reads_the_context_views_last_sentence(tiny_config, label_names):
-    """model.context_view: the main head is the regression without context; the context head adds weight × a
-    regression on the context's last-sentence vector; the out-of-fold logits add up the same way."""
-    from sklearn.metrics import roc_auc_score
-
-    from imr_model.modeling import IMRClassifier
-    from imr_model.views import main_text
-
-    model_cfg = tiny_config.model.model_copy(update={"pooling": "mean_last", "window_unit": "sentences",
-                                                     "context_view": "forecast", "context_weight": 0.5})  # fmt: skip
-    cfg = tiny_config.model_copy(update={"model": model_cfg})
-    train, test = _context_split(30, label_names, 0), _context_split(15, label_names, 1)
-    torch.manual_seed(0)
-    clf = IMRClassifier.build(model_cfg, label_names)
-    info, oof = refit_outcome_head(clf, clf.make_windows(train.texts), train, cfg)
-    torch.manual_seed(0)  # the same random encoder, without the context head
-    plain_cfg = model_cfg.model_copy(update={"context_view": None})
-    plain = IMRClassifier.build(plain_cfg, label_names)
-    main_train = Split([main_text(t) for t in train.texts], train.y, train.Y, groups=train.groups)
-    plain_info, plain_oof = refit_outcome_head(plain, plain.make_windows(main_train.texts), main_train,
-                                               cfg.model_copy(update={"model": plain_cfg}))  # fmt: skip
-    assert torch.equal(clf.net.outcome_head.weight, plain.net.outcome_head.weight)
-    assert info["context"]["view"] == "forecast" and info["context"]["C"] in cfg.train.outcome_head_Cs
-    from imr_model.calibration import fit_temperature
-
-    # the context regression's logits count at the main head's calibrated scale × context_weight
-    ratio = fit_temperature(plain_oof, train.y) / fit_temperature((oof - plain_oof) / info["context"]["scale"], train.y)
-    assert info["context"]["scale"] == pytest.approx(0.5 * ratio, rel=1e-3)
-    # Independently: the context's last sentence through the context head, added to the main part's logit.
-    windows = clf.make_windows(test.texts)
-    ctx = windows.segments.numpy() == 1
-    with torch.no_grad():
-        attended, _ = clf.net.encode(windows.input_ids, windows.attention_mask)
-        head_logits = clf.net.context_head(attended).numpy()[:, 0]
-    ids = windows.item_ids.numpy()
-    last_ctx = np.array([np.flatnonzero((ids == i) & ctx)[-1] for i in range(len(test))])
-    main_logits, _ = plain.predict_logits([main_text(t) for t in test.texts])
-    logits, _ = clf.predict_logits(test.texts)
-    assert np.allclose(logits, main_logits + head_logits[last_ctx], atol=1e-4)
-    assert roc_auc_score(test.y, logits) > 0.9 > roc_auc_score(test.y, main_logits)  # the signal is in the context
-    assert roc_auc_score(test.y, head_logits[last_ctx]) == 1.0
-    # calibration sees main out-of-fold logits + weight × the context regression's, at its C
-    ctx_oof = (oof - plain_oof) / info["context"]["scale"]
-    assert roc_auc_score(train.y, ctx_oof) == pytest.approx(info["context"]["cv_auroc_by_C"][str(info["context"]["C"])])
-
-
-def test_context_config_errors():
-    from imr_model.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError, match="context_view.*train.epochs: 0"):
-        load_config("tiny", ["model.context_view=forecast"])
-    with pytest.raises(ConfigError, match="must differ from model.text_view"):
-        load_config("forecast", ["model.context_view=forecast"])
-    with pytest.raises(ConfigError, match="context_view"):
-        load_config("masked", ["model.context_view=rationale"])  # the verdict may not come back as context
