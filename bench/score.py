@@ -155,7 +155,7 @@ def ensure_model(args, workdir: Path) -> tuple[str, bool]:
         from imr_model.taxonomy import LABELS
 
         path = workdir / "untrained-minilm"
-        IMRClassifier.build(ModelConfig(), list(LABELS)).save_pretrained(path)
+        IMRClassifier.build(ModelConfig(guideline_tfidf=False), list(LABELS)).save_pretrained(path)
         return str(path), False
 
 

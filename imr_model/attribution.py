@@ -6,11 +6,10 @@ For one item text:
    ([CLS], [SEP]) and replaces every other token by [PAD]: [CLS] [PAD] … [PAD] [SEP]; the attention
    mask is the input's, so only the word identities change along the integration path.
 2. The item logit is a pooling of window logits, so its attribution is the pooling's gradient-
-   weighted sum of window attributions: max pooling → only the winning window (which also saves the
-   cost of the others), last → only the item's last window (with sentence windows: the sentence
-   that states the verdict), mean → 1/W each, mean_last → 1/W each and 1 more for the last,
-   logsumexp → softmax of the window logits. The
-   outcome uses `model.pooling`, guideline labels `model.guideline_pooling`.
+   weighted sum of window attributions (`pooling.window_weights`): last → only the item's last window
+   (with sentence windows: the sentence that states the verdict; the others are not run), mean → 1/W
+   each, mean_last → 1/W each and 1 more for the last. The outcome uses `model.pooling`, guideline
+   labels mean.
 3. Integrated gradients along `n_steps` points (Gauss-Legendre, Captum's default) in internal
    batches, parameters frozen so the backward pass computes no weight gradients. `attribute_many`
    batches the attributed windows of many items (grouped by length) into shared passes.

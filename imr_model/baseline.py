@@ -112,7 +112,7 @@ class BaselineModel:
         # Bounded like the classifier's: no 0.0 / 1.0 / 8.8e-27 beside the model in comparison tables.
         return bounded_sigmoid(o / self.temperature), bounded_sigmoid(g)
 
-    def calibrate(self, texts: Sequence[str], y: Sequence[int]) -> None:
+    def fit_calibration(self, texts: Sequence[str], y: Sequence[int]) -> None:
         """Temperature of the outcome logit on held-out items; decisions stay at 0.5 (scikit-learn's `predict`).
 
         Balanced class weights move the baseline's 0.5 to the balanced decision point, and they inflate

@@ -435,7 +435,7 @@ def promote(
 @app.command()
 def pretrain(
     config: Annotated[str, typer.Option("--config", "-c", help="Config whose model.backbone is adapted.")] = "default",
-    data: Annotated[Optional[list[str]], typer.Option("--data", help=_DATA_HELP + " Repeatable; labels are not used.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help=_DATA_HELP + " Repeatable; required; labels are not used.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Backbone directory to write (use it as model.backbone).")] = Path("models/backbone-mlm"),
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value (repeatable).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,

@@ -141,7 +141,7 @@ class TrainSection(_Section):
     # continue masked-LM pretraining of the backbone (the `pretrain` section) on the text of the letters the model is
     # trained on, before fitting it; per fold with --cv (only that fold's training letters). experiment.domain_adapted
     domain_adaptation: bool = False
-    threads: int = Field(0, ge=0)  # torch intra-op threads; 0 = torch's default (the number of cores)
+    threads: int = Field(2, ge=0)  # torch intra-op threads (the 2-core budget); 0 = torch's default (physical cores)
 
     @field_validator("pos_weight")
     @classmethod
@@ -329,7 +329,8 @@ def _describe(exc: ValidationError, path: str | Path | None) -> str:
         if err["type"] == "extra_forbidden" and key in RETIRED_KEYS:
             lines.append(f"{key} was removed (model format 4): {RETIRED_KEYS[key]}")
         elif key == "train.epochs" and err.get("input") == 0:
-            lines.append("train.epochs: 0 (no fine-tuning) is now train.recipe: probe")
+            lines.append("train.epochs must be >= 1; for no fine-tuning use train.recipe: probe (which ignores "
+                         "train.epochs: remove the key)")
         elif err["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}; valid keys here: {', '.join(_valid_keys(err['loc']))}")
         else:

@@ -85,7 +85,7 @@ def fit_baseline(cfg: TrainConfig, train: Split, val: Split, label_names: Sequen
     (recipe finetune), or fit on train + validation and calibrated on grouped out-of-fold logits (probe)."""
     if cfg.train.recipe != "probe":
         model = _fit_baseline_on(cfg, train, label_names)
-        model.calibrate(val.texts, val.y)
+        model.fit_calibration(val.texts, val.y)
         return model
     both = concat_splits(train, val)
     groups = both.group_ids

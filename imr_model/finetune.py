@@ -107,10 +107,10 @@ def length_batches(lengths: Sequence[int], batch_size: int, generator: torch.Gen
     the batch order is shuffled again, so every epoch still sees a different mix.
     """
     order = torch.randperm(len(lengths), generator=generator).tolist()
-    pool = 50 * batch_size
+    span = 50 * batch_size
     batches: list[list[int]] = []
-    for start in range(0, len(order), pool):
-        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
         batches.extend(chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size))
     shuffled = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in shuffled]

@@ -500,7 +500,8 @@ class IMRClassifier:
         o = np.asarray(outcome_logits, dtype=np.float64)
         if np.isnan(o).any():
             raise ValueError(f"{int(np.isnan(o).sum())} of {len(o)} held-out outcome logits are NaN: too few items of "
-                             "each outcome to calibrate on; train on more letters")  # fmt: skip
+                             "each outcome to calibrate on; train on more letters (or use train.recipe: finetune, "
+                             "which calibrates on the validation items)")  # fmt: skip
         self.temperature = fit_temperature(o, y)
         p, _ = self.probabilities(o, np.zeros((len(o), 0)), bounded=False)
         self.outcome_threshold = bound_probability(half_max_f1_threshold(y, p))

@@ -70,9 +70,8 @@ def render_report(
         f'<span style="background:{_rgba(POSITIVE_RGB, 0.55)}">pushes towards the target</span>'
         f'<span style="background:{_rgba(NEGATIVE_RGB, 0.55)}">pushes away from it</span>'
         '<span class="note">Layer integrated gradients on the word embeddings; scores are in logit units.'
-        + (" Only the window that decides an item is attributed (max pooling: the highest-scoring window;"
-           " last: the item's last window); words outside it stay unshaded."
-           if model_info.get("pooling") in ("max", "last") else "")  # fmt: skip
+        + (" Only the item's last window is attributed (last pooling); words outside it stay unshaded."
+           if model_info.get("pooling") == "last" else "")  # fmt: skip
         + "</span></p>"
     )
     body = "".join(_item_section(it, top_k) for it in items) or "<p>No items.</p>"

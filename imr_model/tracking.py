@@ -17,7 +17,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from imr_model import pyfunc_model
 from imr_model.examples import example_records
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -194,6 +193,7 @@ def model_signature():
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
+    from imr_model import pyfunc_model  # deferred: importing it loads MLflow's pyfunc and runs set_model
 
     inputs = Schema([ColSpec("string", name, required=False) for name in pyfunc_model.INPUT_COLUMNS])
     outputs = Schema([ColSpec("string", "outcome"), ColSpec("double", "p_overturned"),
@@ -242,6 +242,7 @@ def log_model(model_dir: str | Path, registered_model: str | None) -> tuple[str,
     """
     import mlflow
 
+    from imr_model import pyfunc_model  # deferred: importing it loads MLflow's pyfunc and runs set_model
 
     with _quiet_artifact_downloads():
         info = mlflow.pyfunc.log_model(

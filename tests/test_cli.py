@@ -206,3 +206,31 @@ def test_imr_serve_says_which_model_and_answers_health(tmp_path, model_dir):
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert f"model: {model_dir} [--model]" in err.decode()
+
+
+@pytest.mark.slow
+def test_readme_main_command_runs_as_written(tmp_path, monkeypatch):
+    """The README's first set-up command, without its pip installs, in an empty folder: demo letters, then the
+    default config trained on them, a model directory and a registered MLflow version (the default sqlite store)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    setup = readme.split("## Set up", 1)[1]
+    command = re.search(r"```bash\n(.+?)\n```", setup, re.S).group(1).strip()
+    steps = [s.strip() for s in command.split("&&")]
+    assert steps[0].startswith("pip install torch==2.13.0") and any(s.startswith("imr train") for s in steps)
+    run = [s for s in steps if not s.startswith("pip ")]
+    assert run and all(s.startswith("imr ") for s in run), run
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    done = subprocess.run(" && ".join(run), shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=1500)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^test/majority .*\n.*^test/tfidf .*\n.*^test/model ", done.stdout, re.M | re.S), done.stdout
+    assert "registered: models:/imr-classifier/1 (alias candidate)" in done.stdout
+    model_dirs = [p for p in (tmp_path / "models").iterdir() if (p / "config.json").is_file()]
+    assert len(model_dirs) == 1 and (tmp_path / "mlflow.db").is_file()
+    assert json.loads((model_dirs[0] / "config.json").read_text())["data_source"].startswith("demo:")

@@ -39,6 +39,8 @@ ALLOWED_INNER: dict[tuple[str, str], str] = {
     ('cli', 'spark'): CLI_STARTUP,
     ('cli', 'tabular'): CLI_STARTUP,
     ('cli', 'tracking'): CLI_STARTUP,
+    ("tracking", "pyfunc_model"): "importing pyfunc_model loads MLflow's pyfunc and runs set_model (the "
+                                  "models-from-code hook); only logging a model needs it",
     ("serving_pool", "serving_worker"): "the worker module loads torch and the model stack; the server process that imports serving_pool must stay light (it only parses requests), so only the worker processes import it",
 }
 

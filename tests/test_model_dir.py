@@ -64,7 +64,7 @@ def _plant_auto_map(model_dir: Path, marker: Path, *, keep_class: bool) -> None:
 
 def test_save_records_a_digest_of_every_file_it_writes(model_dir):
     record = json.loads((model_dir / CONFIG_FILE).read_text())
-    assert record["format_version"] == FORMAT_VERSION == 3
+    assert record["format_version"] == FORMAT_VERSION == 4
     digests = record[DIGESTS_KEY]
     written = {p.name for p in model_dir.iterdir()} - {CONFIG_FILE}
     assert set(digests) == written >= {*REQUIRED_FILES, METRICS_FILE, TAXONOMY_FILE}
@@ -106,7 +106,7 @@ def test_directories_without_digests_or_of_format_2_fail_with_retrain(model_dir)
     with pytest.raises(ModelDirectoryError, match=r"config\.json: no valid `digests` map.*retrain"):
         IMRClassifier.from_pretrained(model_dir)
     _edit_json(model_dir / CONFIG_FILE, lambda r: r.update(format_version=2))
-    with pytest.raises(ModelDirectoryError, match=r"directory format 2; this imr-model reads format 3.*Retrain"):
+    with pytest.raises(ModelDirectoryError, match=r"directory format 2; this imr-model reads format 4.*Retrain"):
         IMRClassifier.from_pretrained(model_dir)
 
 

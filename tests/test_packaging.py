@@ -28,6 +28,8 @@ def _absent(monkeypatch, *modules: str) -> None:
     """Make `modules` unimportable (an import raises ModuleNotFoundError), and forget modules that import them at
     their top, so they are imported afresh; monkeypatch puts everything back afterwards."""
     for name in modules:
+        for loaded in [m for m in sys.modules if m.startswith(name + ".")]:  # submodules an earlier test imported
+            monkeypatch.delitem(sys.modules, loaded)
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "imr_model.serving", raising=False)
 
