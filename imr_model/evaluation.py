@@ -14,6 +14,7 @@ import numpy as np
 
 from imr_model.baseline import BaselineModel
 from imr_model.dataset import dataset_digest, load_records
+from imr_model.intervals import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Resampler, add_intervals, paired_difference
 from imr_model.metrics import format_table, outcome_metrics, summary_row
 from imr_model.modeling import IMRClassifier
 from imr_model.splits import Split, records_to_split
@@ -23,16 +24,49 @@ from imr_model.training import score_predictions
 BASELINE_DIR = "baseline"  # the TF-IDF baseline's folder inside a model directory
 
 
-def compare_rows(split: Split, label_names: Sequence[str], train_rate: float, models: dict) -> dict:
-    """{"majority"|name: {"outcome", "guidelines", "_probabilities"}} on one split; majority predicts the training rate."""
+def compare_rows(split: Split, label_names: Sequence[str], train_rate: float, models: dict, *,
+                 bootstrap: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:  # fmt: skip
+    """{"majority"|name: {"outcome", "guidelines", "_probabilities", ...}} on one split; majority predicts the training rate.
+
+    With `bootstrap` > 0 every metric gets a letter-level `<metric>_ci95` sibling (`imr_model.intervals`)
+    and each row a private "_bootstrap" summary (resamples drawn and dropped).
+    """
     rows = {}
     p_major = np.full(len(split), float(train_rate))
     rows["majority"] = score_predictions(split, p_major, np.zeros_like(split.Y), 0.5, label_names)
+    rows["majority"].update({"_probabilities": p_major, "_threshold": 0.5, "_decided": np.zeros_like(split.Y)})
     for name, model in models.items():
         p, P = model.predict_proba(split.texts)
-        rows[name] = score_predictions(split, p, model.decide_guidelines(P), model.outcome_threshold, label_names)
-        rows[name]["_probabilities"] = p
+        decided = model.decide_guidelines(P)
+        rows[name] = score_predictions(split, p, decided, model.outcome_threshold, label_names)
+        rows[name].update({"_probabilities": p, "_threshold": model.outcome_threshold, "_decided": decided})
+    if bootstrap and len(split):
+        add_row_intervals(rows, split.y, split.Y, split.groups, n=bootstrap, seed=seed)
     return rows
+
+
+def add_row_intervals(rows: dict, y, Y, groups, *, n: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """`<metric>_ci95` beside every metric of each row (rows hold "_probabilities", "_threshold", "_decided"),
+    all rows on the same letter resamples; returns the bootstrap summary, also kept as each row's "_bootstrap"."""
+    rs = Resampler(y, groups, n=n, seed=seed)
+    for name, row in rows.items():
+        if name.startswith("_") or "_probabilities" not in row:
+            continue
+        add_intervals(row, rs, row["_probabilities"], row.get("_threshold", 0.5), Y, row.get("_decided"))
+        row["_bootstrap"] = rs.info()
+    return rs.info()
+
+
+def paired_rows(rows: dict, y, groups, a: str = "tfidf", b: str = "model", metrics: Sequence[str] = ("auroc", "auprc"), *,
+                n: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:  # fmt: skip
+    """{"<b>_minus_<a>": {metric: paired difference with "difference_ci95"}} on the same letter resamples; {} without both rows."""
+    if a not in rows or b not in rows or not len(y):
+        return {}
+    rs = Resampler(y, groups, n=n, seed=seed)
+    pa, pb = rows[a]["_probabilities"], rows[b]["_probabilities"]
+    ta, tb = rows[a].get("_threshold", 0.5), rows[b].get("_threshold", 0.5)
+    return {f"{b}_minus_{a}": {m: paired_difference(y, pa, pb, metric=m, threshold_a=ta, threshold_b=tb, resampler=rs)
+                               for m in metrics}}  # fmt: skip
 
 
 def outcome_metrics_per_item(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray) -> dict:
@@ -52,7 +86,8 @@ def outcome_metrics_per_item(y: np.ndarray, p: np.ndarray, thresholds: np.ndarra
 def table_rows(by_split: dict) -> dict:
     """{"split/row": summary row} for `metrics.format_table`."""
     return {f"{split}/{name}": summary_row(r["outcome"], r["guidelines"])
-            for split, rows in by_split.items() for name, r in rows.items()}  # fmt: skip
+            for split, rows in by_split.items() for name, r in rows.items()
+            if not str(name).startswith("_") and isinstance(r, dict) and "outcome" in r}  # fmt: skip
 
 
 def strip_private(obj):
@@ -101,7 +136,9 @@ def evaluate_model(model: str | Path, data: Sequence[str], *, batch_size: int = 
         "model": str(model), "model_dir": str(model_dir), "model_version": clf.config.version,
         "text_view": clf.config.text_view, "data_digest": dataset_digest(records), "n_items": len(records),
         "n_overturned": int(split.y.sum()), "parse_errors": [e.source for e in errors],
+        "bootstrap": rows["model"].get("_bootstrap"),
         "evaluation": strip_private(rows),
+        "paired": paired_rows(rows, split.y, split.groups),
     }  # fmt: skip
     table = format_table(table_rows({"eval": rows}), f"{len(records)} items, {int(split.y.sum())} Overturned")
     return result, table

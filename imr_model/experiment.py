@@ -30,9 +30,11 @@ from imr_model.config import TrainConfig, load_config, resolve_config_path
 from imr_model.dataset import build_dataset, dataset_digest, grouped_kfold, load_records
 from imr_model.evaluation import (
     BASELINE_DIR,
+    add_row_intervals,
     compare_rows,
     format_metrics,
     outcome_metrics_per_item,
+    paired_rows,
     strip_private,
 )
 from imr_model.metrics import flat_metrics, guideline_metrics, majority_probabilities, outcome_metrics, summary_row
@@ -175,7 +177,8 @@ def cross_validate(cfg: TrainConfig, records: list[dict], k: int, label_names: S
     for name in probs:
         outcome = outcome_metrics_per_item(all_split.y, probs[name], thr[name])
         out[name] = {"outcome": outcome, "guidelines": guideline_metrics(all_split.Y, decided[name], label_names),
-                     "_probabilities": probs[name]}  # fmt: skip
+                     "_probabilities": probs[name], "_threshold": thr[name], "_decided": decided[name]}  # fmt: skip
+    add_row_intervals(out, all_split.y, all_split.Y, all_split.groups)  # each row's "_bootstrap": resamples, dropped
     out["_y"] = all_split.y
     return out
 
@@ -209,6 +212,7 @@ def _log_evaluation(by_split: dict, splits: dict, prefix: str = "") -> None:
             key = f"{prefix}{short}" if name == "model" else f"{prefix}{name}_{short}"
             values.update(flat_metrics(key, summary_row(r["outcome"], r["guidelines"])))
             values.update(flat_metrics(f"{key}_guideline", {"macro_f1_all_labels": r["guidelines"]["macro_f1_all_labels"]}))
+            values.update(_interval_metrics(key, r))
         tracking.log_metrics(values)
         y = splits[split]
         curves = {n: rows[n]["_probabilities"] for n in ("tfidf", "model") if n in rows}
@@ -216,6 +220,20 @@ def _log_evaluation(by_split: dict, splits: dict, prefix: str = "") -> None:
         tracking.log_figure(plots.pr_curve(y, curves, title=f"Precision-recall, {split}"), f"plots/{prefix}{short}_pr_curve.png")
         tracking.log_figure(plots.confusion_matrix_figure(rows["model"]["outcome"]["confusion"],
                             title=f"Model, {split}"), f"plots/{prefix}{short}_confusion.png")  # fmt: skip
+
+
+LOGGED_INTERVALS = (("outcome", "auroc", ""), ("outcome", "auprc", ""), ("outcome", "f1", ""), ("outcome", "brier", ""),
+                    ("outcome", "ece", ""), ("guidelines", "micro_f1", "guideline_"))  # fmt: skip
+
+
+def _interval_metrics(key: str, row: dict) -> dict[str, float]:
+    """`<key>_<metric>_ci_low` / `_ci_high` for the logged intervals a row holds (non-finite bounds: tracking skips them)."""
+    out = {}
+    for part, metric, prefix in LOGGED_INTERVALS:
+        ci = (row.get(part) or {}).get(f"{metric}_ci95")
+        if isinstance(ci, (list, tuple)) and len(ci) == 2:
+            out[f"{key}_{prefix}{metric}_ci_low"], out[f"{key}_{prefix}{metric}_ci_high"] = float(ci[0]), float(ci[1])
+    return out
 
 
 @dataclass
@@ -287,6 +305,10 @@ def run_training(cfg: TrainConfig, data: Sequence[str] | None = None, *, records
         by_split = {name: compare_rows(splits[name], label_names, splits["train"].y.mean(), models)
                     for name in held_out if len(splits[name])}  # fmt: skip
         metrics.update({name: strip_private(rows) for name, rows in by_split.items()})
+        if by_split:  # letter-level bootstrap summary and model - TF-IDF paired differences per held-out split
+            metrics["bootstrap"] = {name: rows["model"].get("_bootstrap") for name, rows in by_split.items()}
+            metrics["paired"] = {name: paired_rows(rows, splits[name].y, splits[name].groups)
+                                 for name, rows in by_split.items()}  # fmt: skip
         metrics["history"] = history
         model_dir = _save(cfg, clf, models["tfidf"], prep.digest, metrics, prep.source)
         result = TrainResult(model_dir=model_dir, metrics=clf.metrics, table=format_metrics(metrics), history=history)
@@ -308,7 +330,7 @@ def _cross_validate_and_log(cfg: TrainConfig, records: list[dict], k: int, label
     y_all = oof.pop("_y")
     if logging_on:
         _log_evaluation({"cv": oof}, {"cv": y_all})
-    return {"k": k, **strip_private(oof)}
+    return {"k": k, "bootstrap": oof["model"].get("_bootstrap"), **strip_private(oof)}
 
 
 def _eval_digest(dd) -> str:

@@ -23,6 +23,7 @@ OUTCOME_COLUMNS = (
     "accuracy", "balanced_accuracy", "precision", "recall", "f1", "mcc", "auroc", "auprc", "brier", "ece",
 )  # fmt: skip
 GUIDELINE_COLUMNS = ("micro_f1", "macro_f1", "micro_precision", "micro_recall")
+TABLE_INTERVALS = ("auroc", "auprc")  # columns the table prints with their `_ci95` interval when a row has one
 
 
 def _as_binary(y: Sequence[int] | np.ndarray, name: str) -> np.ndarray:
@@ -131,11 +132,24 @@ def guideline_metrics(Y_true, Y_pred, label_names: Sequence[str]) -> dict:
 
 # ------------------------------------------------------------------------------------ reporting
 def summary_row(outcome: Mapping | None, guidelines: Mapping | None) -> dict:
-    """One flat row: outcome columns then guideline micro/macro F1."""
-    row = {k: (outcome or {}).get(k, float("nan")) for k in OUTCOME_COLUMNS}
-    row["guideline_micro_f1"] = (guidelines or {}).get("micro_f1", float("nan"))
-    row["guideline_macro_f1"] = (guidelines or {}).get("macro_f1", float("nan"))
+    """One flat row: outcome columns then guideline micro/macro F1, each followed by its `_ci95` interval when present."""
+    row = {}
+    for key, src, name in ([(k, outcome, k) for k in OUTCOME_COLUMNS]
+                           + [("micro_f1", guidelines, "guideline_micro_f1"), ("macro_f1", guidelines, "guideline_macro_f1")]):  # fmt: skip
+        row[name] = (src or {}).get(key, float("nan"))
+        if (ci := (src or {}).get(f"{key}_ci95")) is not None:
+            row[f"{name}_ci95"] = ci
     return row
+
+
+def _cell(value, ci=None) -> str:
+    def num(v) -> str:
+        return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+    text = num(value)
+    if ci is not None and text != "—" and not any(v is None or math.isnan(v) for v in ci):
+        text += f" [{num(ci[0])}, {num(ci[1])}]"
+    return text
 
 
 def format_table(rows: Mapping[str, Mapping], title: str = "") -> str:
@@ -144,14 +158,15 @@ def format_table(rows: Mapping[str, Mapping], title: str = "") -> str:
     short = {"balanced_accuracy": "bal_acc", "guideline_micro_f1": "gl_microF1", "guideline_macro_f1": "gl_macroF1"}
     names = [short.get(c, c) for c in cols]
     width = max([len(n) for n in rows] + [8])
+    cells = {name: [_cell(row.get(c, float("nan")), row.get(f"{c}_ci95") if c in TABLE_INTERVALS else None)
+                    for c in cols] for name, row in rows.items()}  # fmt: skip
+    widths = [max([10] + [len(r[i]) for r in cells.values()]) for i in range(len(cols))]
     lines = [title] if title else []
-    lines.append(" " * width + "  " + "  ".join(f"{n:>10}" for n in names))
-    for name, row in rows.items():
-        cells = []
-        for c in cols:
-            v = row.get(c, float("nan"))
-            cells.append(f"{'—':>10}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>10.3f}")
-        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    lines.append(" " * width + "  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths)))
+    for name, row in cells.items():
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(row, widths)))
+    if any(f"{c}_ci95" in row for row in rows.values() for c in TABLE_INTERVALS):
+        lines.append("[low, high]: 95% letter-level bootstrap interval")
     return "\n".join(lines)
 
 
