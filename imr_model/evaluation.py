@@ -118,6 +118,15 @@ class _BatchedScorer:
         return self.clf.decide_guidelines(guideline_probs)
 
 
+def outcome_predictions(model: str | Path, records: Sequence[dict], *, batch_size: int = 32) -> dict:
+    """A saved or registered model's P(Overturned) on item records (in its own text view): {"y", "p", "threshold",
+    "groups"} (numbers and letter ids only), for paired comparisons on the same items."""
+    clf = IMRClassifier.from_pretrained(resolve_model_dir(model))
+    split = records_to_split(records, clf.config.text_view, clf.label_names)
+    p, _ = clf.predict_proba(split.texts, batch_size=batch_size)
+    return {"y": split.y, "p": p, "threshold": clf.outcome_threshold, "groups": split.groups}
+
+
 def evaluate_model(model: str | Path, data: Sequence[str], *, batch_size: int = 32) -> tuple[dict, str]:
     """Score a saved or registered model (and its TF-IDF baseline, and the majority rule) on labelled letters."""
     model_dir = resolve_model_dir(model)

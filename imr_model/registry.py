@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from imr_model.evaluation import evaluate_model
+from imr_model.dataset import load_records
+from imr_model.evaluation import evaluate_model, outcome_predictions
+from imr_model.intervals import OUTCOME_INTERVALS, paired_difference
 from imr_model.tracking import CANDIDATE, CHAMPION, LOWER_IS_BETTER, configure
 
 
@@ -27,15 +29,21 @@ class Promotion:
     champion_version: str | None = None
     candidate_value: float | None = None
     champion_value: float | None = None
+    #: candidate − champion on the same letters, with its letter-level bootstrap interval (`--data`, outcome metrics)
+    paired: dict | None = None
+
+
+def _bare_metric(metric: str) -> str:
+    """`test_auprc` → `auprc` (the split prefix of a logged metric name removed)."""
+    for prefix in ("test_", "val_", "cv_", "eval_"):
+        if metric.startswith(prefix):
+            return metric[len(prefix):]
+    return metric
 
 
 def _metric_from_evaluation(evaluation: dict, metric: str) -> float:
     """`test_auprc`/`auprc`/`guideline_micro_f1` → the model row's value in an `evaluate_model` result."""
-    key = metric
-    for prefix in ("test_", "val_", "cv_", "eval_"):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            break
+    key = _bare_metric(metric)
     row = evaluation["model"]
     if key.startswith("guideline_"):
         value = row["guidelines"].get(key[len("guideline_"):])
@@ -87,7 +95,9 @@ def promote(name: str = "imr-classifier", metric: str = "test_auprc", data: list
         values = [_metric_from_evaluation(evaluate_model(f"models:/{name}/{v}", data)[0]["evaluation"], metric)
                   for v in (cand_v, champ_v)]  # fmt: skip
         where = f"on {len(data)} given input path(s)"
+        paired = _paired(name, cand_v, champ_v, data, metric)
     else:
+        paired = None
         (c_val, c_dig), (h_val, h_dig) = _logged_metric(client, cand, metric), _logged_metric(client, champ, metric)
         if c_val is None or h_val is None:
             raise ValueError(f"metric {metric!r} was not logged by both runs (candidate {c_val}, champion {h_val}); "
@@ -100,6 +110,27 @@ def promote(name: str = "imr-classifier", metric: str = "test_auprc", data: list
     ok = _better_or_equal(metric, values[0], values[1], tolerance)
     verdict = "at least as good as" if ok else "worse than"
     reason = f"candidate v{cand_v} {metric}={values[0]:.4f} is {verdict} champion v{champ_v} {values[1]:.4f} {where}"
+    if paired is not None:
+        low, high = paired["difference_ci95"]
+        noise = "inside the noise" if low <= 0 <= high else "outside the noise"
+        reason += (f"; paired difference {paired['difference']:+.4f} [{low:+.4f}, {high:+.4f}] over "
+                   f"{paired['n_resamples'] - paired['n_dropped']} letter resamples: {noise}")  # fmt: skip
+    elif not data:
+        reason += "; no interval: pass --data to pair both versions on the same letters"
     if ok:
         client.set_registered_model_alias(name, CHAMPION, cand_v)
-    return Promotion(ok, reason, metric, cand_v, champ_v, values[0], values[1])
+    return Promotion(ok, reason, metric, cand_v, champ_v, values[0], values[1], paired)
+
+
+def _paired(name: str, cand_v: str, champ_v: str, data: list[str], metric: str) -> dict | None:
+    """Candidate − champion on `metric` over the same letter resamples; None for a metric without intervals
+    (guideline metrics) or when the two versions read different items."""
+    key = _bare_metric(metric)
+    if key not in OUTCOME_INTERVALS:
+        return None
+    records, _ = load_records(list(data))
+    cand, champ = (outcome_predictions(f"models:/{name}/{v}", records) for v in (cand_v, champ_v))
+    if len(cand["y"]) == 0 or list(cand["y"]) != list(champ["y"]):
+        return None
+    return paired_difference(cand["y"], champ["p"], cand["p"], cand["groups"], key,
+                             threshold_a=champ["threshold"], threshold_b=cand["threshold"])  # fmt: skip

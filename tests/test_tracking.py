@@ -92,6 +92,18 @@ def test_train_register_load_predict_promote(tiny_config, demo_records, monkeypa
     refused = registry.promote(metric="test_auprc")
     assert not refused.promoted and "worse than" in refused.reason
     assert str(client.get_model_version_by_alias("imr-classifier", "champion").version) == "2"
+    assert refused.paired is None and "pass --data" in refused.reason  # logged metrics cannot be paired
+
+    # with --data both versions are scored on the same letters: the gain comes with its paired interval
+    from imr_model.demo import write_demo_letters
+
+    letters = write_demo_letters(tmp_path / "letters", 12, seed=5)
+    scored = registry.promote(metric="test_auroc", data=[str(p) for p in letters])
+    assert scored.paired is not None and scored.paired["metric"] == "auroc"
+    low, high = scored.paired["difference_ci95"]
+    assert low <= scored.paired["difference"] <= high
+    assert scored.paired["difference"] == pytest.approx(scored.candidate_value - scored.champion_value, abs=1e-9)
+    assert "paired difference" in scored.reason and "noise" in scored.reason
 
 
 def test_local_dataset_source_resolves_without_mlflows_ambiguity_warning(tmp_path):
