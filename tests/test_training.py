@@ -515,7 +515,10 @@ def test_each_recipe_trains_end_to_end_and_round_trips(tiny_config, demo_records
     # what training reported on the test split is what the saved model scores there
     from imr_model.training import evaluate
 
-    assert as_json(evaluate(loaded, test, loaded.label_names)) == as_json(result.metrics["test"]["model"])
+    point = {part: {k: v for k, v in values.items() if not k.endswith("_ci95")}  # intervals sit beside the metrics
+             for part, values in result.metrics["test"]["model"].items()}
+    assert as_json(evaluate(loaded, test, loaded.label_names)) == as_json(point)
+    assert result.metrics["test"]["model"]["outcome"]["auroc_ci95"][0] <= result.metrics["test"]["model"]["outcome"]["auroc"]
 
 
 def test_probe_baseline_fits_on_train_and_validation(tiny_config, label_names):
@@ -683,7 +686,7 @@ def test_domain_adaptation_pretrains_on_the_training_letters_then_fits_on_that_e
     cv_model = adapted.metrics["cv"]["model"]["outcome"]
     assert cv_model["n"] == adapted.metrics["cv"]["majority"]["outcome"]["n"] == len(demo_records)
     assert 0 <= cv_model["auroc"] <= 1
-    assert set(adapted.metrics["cv"]) == {"k", "majority", "tfidf", "model"}  # no `unadapted` row any more
+    assert set(adapted.metrics["cv"]) == {"k", "bootstrap", "majority", "tfidf", "model"}  # no `unadapted` row any more
     assert set(adapted.metrics["test"]) == {"majority", "tfidf", "model"} and "validation" not in adapted.metrics
     assert adapted.metrics["test"]["model"] != plain.metrics["test"]["model"]
 
