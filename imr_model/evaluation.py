@@ -118,22 +118,27 @@ class _BatchedScorer:
         return self.clf.decide_guidelines(guideline_probs)
 
 
-def outcome_predictions(model: str | Path, records: Sequence[dict], *, batch_size: int = 32) -> dict:
-    """A saved or registered model's P(Overturned) on item records (in its own text view): {"y", "p", "threshold",
-    "groups"} (numbers and letter ids only), for paired comparisons on the same items."""
-    clf = IMRClassifier.from_pretrained(resolve_model_dir(model))
-    split = records_to_split(records, clf.config.text_view, clf.label_names)
-    p, _ = clf.predict_proba(split.texts, batch_size=batch_size)
-    return {"y": split.y, "p": p, "threshold": clf.outcome_threshold, "groups": split.groups}
+def load_labelled(data: Sequence[str]) -> tuple[list[dict], list]:
+    """Labelled item records of `data` (letters, folders, globs, tables) and the files that failed to parse."""
+    records, errors = load_records(list(data))
+    if not records:
+        raise ValueError(f"no labelled items found in {list(data)} ({len(errors)} files failed to parse)")
+    return records, errors
 
 
 def evaluate_model(model: str | Path, data: Sequence[str], *, batch_size: int = 32) -> tuple[dict, str]:
     """Score a saved or registered model (and its TF-IDF baseline, and the majority rule) on labelled letters."""
+    records, errors = load_labelled(data)
+    result, table, _ = evaluate_records(model, records, errors, batch_size=batch_size)
+    return result, table
+
+
+def evaluate_records(model: str | Path, records: Sequence[dict], errors: Sequence = (), *,
+                     batch_size: int = 32) -> tuple[dict, str, dict]:  # fmt: skip
+    """`evaluate_model` on item records already loaded; also returns the model's predictions {"y", "p",
+    "threshold", "groups"} (numbers and letter ids only), for paired comparisons on the same items."""
     model_dir = resolve_model_dir(model)
     clf = IMRClassifier.from_pretrained(model_dir)
-    records, errors = load_records(list(data))
-    if not records:
-        raise ValueError(f"no labelled items found in {list(data)} ({len(errors)} files failed to parse)")
     split = records_to_split(records, clf.config.text_view, clf.label_names)
     models: dict = {}
     if (model_dir / BASELINE_DIR).is_dir():
@@ -150,4 +155,6 @@ def evaluate_model(model: str | Path, data: Sequence[str], *, batch_size: int = 
         "paired": paired_rows(rows, split.y, split.groups),
     }  # fmt: skip
     table = format_table(table_rows({"eval": rows}), f"{len(records)} items, {int(split.y.sum())} Overturned")
-    return result, table
+    predictions = {"y": split.y, "p": rows["model"]["_probabilities"], "threshold": clf.outcome_threshold,
+                   "groups": split.groups}  # fmt: skip
+    return result, table, predictions

@@ -208,13 +208,12 @@ def _validate(clf: IMRClassifier, windows: Windows, split: Split, t: TrainSectio
             "guideline_micro_f1": gl["micro_f1"]}  # fmt: skip
 
 
-def fine_tune(clf: IMRClassifier, windows: Windows, train: Split, val: Split, t: TrainSection, *, seed: int,
-              on_epoch: EpochCallback | None = None, quiet: bool = False) -> dict:  # fmt: skip
-    """Fine-tune `clf` in place on `train` (its `windows`), keeping the best epoch on `val`; returns
+def fine_tune(clf: IMRClassifier, windows: Windows, train: Split, w_val: Windows, val: Split, t: TrainSection, *,
+              seed: int, on_epoch: EpochCallback | None = None, quiet: bool = False) -> dict:  # fmt: skip
+    """Fine-tune `clf` in place on `train` (its `windows`), keeping the best epoch on `val` (its `w_val`); returns
     {"history": per-epoch logs, "best_epoch", "pos_weight"}."""
     pos_weight = resolve_pos_weight(t.pos_weight, train.y)
     trainer = _Trainer(t, seed, clf, windows, train, pos_weight)
-    w_val = clf.make_windows(val.texts)
     history: list[dict] = []
     best_value, best_state, best_epoch, waited = None, None, 0, 0
     for epoch in range(1, t.epochs + 1):

@@ -135,7 +135,7 @@ def fit_guideline(pooled: np.ndarray, Y: np.ndarray, groups: np.ndarray, *, cues
         named = np.stack([c[:, list(columns)].sum(axis=1) for columns in label_cues], axis=1)
     scores: dict[float, float] = {}
     extra: dict[float, tuple[float | None, dict]] = {}  # C → (basis_extra, held-out micro-F1 of each candidate)
-    if k >= 2 and (len(GUIDELINE_CS) > 1 or basis):
+    if k >= 2:
         folds = list(GroupKFold(n_splits=k).split(F, Y[:, 0], groups))
         for C in GUIDELINE_CS:
             oof = np.zeros(Y.shape)

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from imr_model.dataset import load_records
-from imr_model.evaluation import evaluate_model, outcome_predictions
+from imr_model.evaluation import evaluate_records, load_labelled
 from imr_model.intervals import OUTCOME_INTERVALS, paired_difference
 from imr_model.tracking import CANDIDATE, CHAMPION, LOWER_IS_BETTER, configure
 
@@ -92,10 +91,12 @@ def promote(name: str = "imr-classifier", metric: str = "test_auprc", data: list
         client.set_registered_model_alias(name, CHAMPION, cand_v)
         return Promotion(True, f"no {CHAMPION} yet: version {cand_v} becomes {CHAMPION}", metric, cand_v)
     if data:
-        values = [_metric_from_evaluation(evaluate_model(f"models:/{name}/{v}", data)[0]["evaluation"], metric)
-                  for v in (cand_v, champ_v)]  # fmt: skip
+        records, errors = load_labelled(data)  # parsed once, both versions scored on the same items
+        (c_res, _, c_pred), (h_res, _, h_pred) = (evaluate_records(f"models:/{name}/{v}", records, errors)
+                                                  for v in (cand_v, champ_v))  # fmt: skip
+        values = [_metric_from_evaluation(r["evaluation"], metric) for r in (c_res, h_res)]
         where = f"on {len(data)} given input path(s)"
-        paired = _paired(name, cand_v, champ_v, data, metric)
+        paired = _paired(c_pred, h_pred, metric)
     else:
         paired = None
         (c_val, c_dig), (h_val, h_dig) = _logged_metric(client, cand, metric), _logged_metric(client, champ, metric)
@@ -122,15 +123,11 @@ def promote(name: str = "imr-classifier", metric: str = "test_auprc", data: list
     return Promotion(ok, reason, metric, cand_v, champ_v, values[0], values[1], paired)
 
 
-def _paired(name: str, cand_v: str, champ_v: str, data: list[str], metric: str) -> dict | None:
-    """Candidate − champion on `metric` over the same letter resamples; None for a metric without intervals
-    (guideline metrics) or when the two versions read different items."""
+def _paired(cand: dict, champ: dict, metric: str) -> dict | None:
+    """Candidate − champion on `metric` over the same letter resamples (predictions from `evaluate_records`);
+    None for a metric without intervals (guideline metrics) or when the two versions read different items."""
     key = _bare_metric(metric)
-    if key not in OUTCOME_INTERVALS:
-        return None
-    records, _ = load_records(list(data))
-    cand, champ = (outcome_predictions(f"models:/{name}/{v}", records) for v in (cand_v, champ_v))
-    if len(cand["y"]) == 0 or list(cand["y"]) != list(champ["y"]):
+    if key not in OUTCOME_INTERVALS or len(cand["y"]) == 0 or list(cand["y"]) != list(champ["y"]):
         return None
     return paired_difference(cand["y"], champ["p"], cand["p"], cand["groups"], key,
                              threshold_a=champ["threshold"], threshold_b=cand["threshold"])  # fmt: skip

@@ -79,8 +79,9 @@ def train_classifier(
     clf = IMRClassifier.build(cfg.model, label_names, tfidf=tfidf)
     windows = clf.make_windows(train.texts)
     history: list[dict] = []
+    w_val = None if probe else clf.make_windows(val.texts)  # early stopping and calibration read the same windows
     if not probe:
-        tuned = fine_tune(clf, windows, train, val, t, seed=cfg.seed, on_epoch=on_epoch, quiet=quiet)
+        tuned = fine_tune(clf, windows, train, w_val, val, t, seed=cfg.seed, on_epoch=on_epoch, quiet=quiet)
         history = tuned["history"]
         clf.metrics.update({"best_epoch": tuned["best_epoch"], "pos_weight": tuned["pos_weight"]})
     vectors = clf.window_vectors(windows, t.eval_batch_size)  # (attended, mean), once for every head fit
@@ -93,7 +94,7 @@ def train_classifier(
                              "with both outcomes; train on more letters or use train.recipe: finetune")  # fmt: skip
         clf.fit_calibration(oof, train.y, on=f"grouped out-of-fold logits of {len(train)} train + validation items")
     else:
-        o, _ = clf.window_item_logits(clf.make_windows(val.texts), val.texts, batch_size=t.eval_batch_size)
+        o, _ = clf.window_item_logits(w_val, val.texts, batch_size=t.eval_batch_size)
         clf.fit_calibration(o, val.y, on=f"{len(val)} validation items")
     # Statistics of the training items for the input checks (imr_model.familiarity), from the final encoder's
     # window vectors; saved by familiarity.save_classifier_profile.

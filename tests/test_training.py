@@ -124,7 +124,7 @@ def test_fine_tune_keeps_the_best_epoch_and_takes_the_pos_weight_shift_back_out(
     torch.manual_seed(0)
     clf = IMRClassifier.build(cfg.model, label_names)
     before = clf.net.encoder.get_input_embeddings().weight.detach().clone()
-    out = fine_tune(clf, clf.make_windows(train.texts), train, val, cfg.train, seed=cfg.seed, quiet=True)
+    out = fine_tune(clf, clf.make_windows(train.texts), train, clf.make_windows(val.texts), val, cfg.train, seed=cfg.seed, quiet=True)
     history, best = out["history"], out["best_epoch"]
     assert [h["epoch"] for h in history] == [1, 2, 3]  # patience 2: three epochs always run
     assert best == 1 + int(np.argmin([h["val_outcome_loss"] for h in history]))
