@@ -51,7 +51,7 @@ LABEL_NAMES = DECISIONS  # label id 0 = Upheld, 1 = Overturned
 RECORD_FIELDS = (
     "letter_id", "case_number", "item_index", "request", "decision", "guideline_labels", "odg_chapters",
     "maximus_guideline", "claims_admin_guideline", "rationale", "case_summary", "reviewer_specialty",
-    "decision_date", "source",
+    "decision_date", "layout", "source",
 )  # fmt: skip
 META_FILE = "imr_dataset.json"
 

@@ -54,7 +54,7 @@ _ID_COLS = ("letterid", "casenumber", "referenceid", "id")
 _REQUEST_COLS = ("request", "itemrequest")
 _SUMMARY_COLS = ("casesummary", "clinicalcasesummary", "summary")
 _COPY_FIELDS = ("case_number", "maximus_guideline", "claims_admin_guideline", "reviewer_specialty", "decision_date",
-                "source")  # fmt: skip
+                "layout", "source")  # fmt: skip
 
 
 class DatasetDownloadError(RuntimeError):

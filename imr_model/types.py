@@ -82,6 +82,7 @@ class Letter:
                 "case_summary": self.case_summary,
                 "reviewer_specialty": self.reviewer_specialty,
                 "decision_date": self.decision_date,
+                "layout": self.layout,
                 "source": clean_text(self.source),
             }
             for it in self.items
