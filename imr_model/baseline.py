@@ -183,6 +183,11 @@ def _analyzer_kwargs(ngram_max: int) -> dict:
     }
 
 
+def word_analyzer():
+    """The TF-IDF vocabulary's tokenizer for single words: text → lower-cased, accent-stripped word tokens."""
+    return CountVectorizer(**{**_analyzer_kwargs(1), "ngram_range": (1, 1)}).build_analyzer()
+
+
 @dataclass
 class TfidfFeatures:
     """A fitted TF-IDF vocabulary: texts → sublinear-tf × idf rows, L2-normalised (sparse, (N, V)).

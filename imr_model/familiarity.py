@@ -28,6 +28,8 @@ The ``distance`` and ``length`` checks read the *reference profile* (`ReferenceP
 training stores beside the weights as ``reference_profile.json``: the mean and principal directions
 of the training embeddings (aggregate second-moment statistics), the distance threshold and
 quantiles, and word-count quantiles: statistics only, never a text, a token or a per-item vector.
+Version 2 adds ``drift``, the batch drift reference (`imr_model.drift`: per-letter quantile sketches,
+coordinate moments); a version-1 profile still loads, with ``drift`` None.
 Models saved before profiles existed skip those two checks; their predictions on inputs that were
 not parsed from a letter (where the missing checks matter) carry one ``profile:`` warning saying
 so, and `inference.Predictor.metadata` reports ``familiarity.profile = false``. Letters scored with
@@ -62,7 +64,8 @@ from imr_model import modeling
 
 PROFILE_FILE = "reference_profile.json"
 PROFILE_FORMAT = "imr-reference-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2 adds the drift reference (`drift`, read by imr_model.drift); version 1 still loads
+READABLE_VERSIONS = (1, 2)
 QUANTILE = 0.995  # of the training items' out-of-fold distances ...
 DISTANCE_MARGIN = 1.25  # ... times this is the distance threshold
 MAX_COMPONENTS = 16  # principal directions projected out (and at most n_items / 10)
@@ -140,6 +143,7 @@ class ReferenceProfile:
     word_quantiles: dict[str, float] = field(default_factory=dict)
     quantile: float = QUANTILE
     margin: float = DISTANCE_MARGIN
+    drift: dict | None = None  # the batch drift reference (`imr_model.drift.fit_reference`); None in version-1 files
 
     @property
     def hidden_size(self) -> int:
@@ -149,8 +153,12 @@ class ReferenceProfile:
         """Distances (N,) of item embeddings (N, H) from the training subspace (`residual_norms`)."""
         return residual_norms(item_vectors, self.mean, self.components)
 
+    def coordinates(self, item_vectors: np.ndarray) -> np.ndarray:
+        """Coordinates (N, k) of item embeddings (N, H) on the principal directions, about the training mean."""
+        return (_unit(np.asarray(item_vectors, dtype=np.float64)) - self.mean) @ self.components.T
+
     def to_dict(self) -> dict:
-        return {
+        out = {
             "format": PROFILE_FORMAT,
             "version": PROFILE_VERSION,
             "n_items": self.n_items,
@@ -166,12 +174,16 @@ class ReferenceProfile:
             "mean": _floats(self.mean),
             "components": [_floats(row) for row in self.components],
         }
+        if self.drift is not None:
+            out["drift"] = self.drift
+        return out
 
     @classmethod
     def from_dict(cls, record: Mapping) -> "ReferenceProfile":
-        if not isinstance(record, Mapping) or record.get("format") != PROFILE_FORMAT or record.get("version") != PROFILE_VERSION:
+        if (not isinstance(record, Mapping) or record.get("format") != PROFILE_FORMAT
+                or record.get("version") not in READABLE_VERSIONS):  # fmt: skip
             got = (record.get("format"), record.get("version")) if isinstance(record, Mapping) else type(record).__name__
-            raise ValueError(f"not a version-{PROFILE_VERSION} {PROFILE_FORMAT} record (got {got!r})")
+            raise ValueError(f"not a version-{'/'.join(map(str, READABLE_VERSIONS))} {PROFILE_FORMAT} record (got {got!r})")
         d, n = record["distance"], record["length"]
         mean = np.asarray(record["mean"], dtype=np.float64)
         components = np.asarray(record["components"], dtype=np.float64).reshape(-1, mean.shape[0])
@@ -181,7 +193,8 @@ class ReferenceProfile:
                    n_items=int(record["n_items"]),
                    distance_quantiles={k: float(v) for k, v in d.get("out_of_fold_quantiles", {}).items()},
                    word_quantiles={k: float(v) for k, v in n.get("training_quantiles", {}).items()},
-                   quantile=float(d.get("quantile", QUANTILE)), margin=float(d.get("margin", DISTANCE_MARGIN)))  # fmt: skip
+                   quantile=float(d.get("quantile", QUANTILE)), margin=float(d.get("margin", DISTANCE_MARGIN)),
+                   drift=dict(record["drift"]) if isinstance(record.get("drift"), Mapping) else None)  # fmt: skip
 
 
 def residual_norms(item_vectors: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
@@ -212,14 +225,7 @@ def fit_profile(item_vectors: np.ndarray, word_counts: Sequence[int], groups: Se
         raise ValueError(f"need (N, H) item vectors with N >= 2 and N word counts; got {X.shape} and {len(words)}")
     U = _unit(X)
     k = n_components(len(U))
-    fold = _fold_of(list(range(len(U))) if groups is None else list(groups), folds)
-    oof = np.zeros(len(U))
-    for f in np.unique(fold):
-        test = fold == f
-        if test.all():  # one group only: no held-out fold; in-sample distances
-            oof = residual_norms(U, *principal_subspace(U, k))
-            break
-        oof[test] = residual_norms(U[test], *principal_subspace(U[~test], k))
+    oof = out_of_fold_distances(U, groups, k, folds)
     mean, components = principal_subspace(U, k)
     return ReferenceProfile(
         mean=mean,
@@ -234,7 +240,21 @@ def fit_profile(item_vectors: np.ndarray, word_counts: Sequence[int], groups: Se
     )
 
 
-def _fold_of(groups: list, folds: int) -> np.ndarray:
+def out_of_fold_distances(item_vectors: np.ndarray, groups: Sequence | None, k: int, folds: int = FOLDS) -> np.ndarray:
+    """Each item's distance from the mean and top-`k` subspace of the other folds' items (`fold_of`); in-sample
+    distances when there is only one group."""
+    U = _unit(np.asarray(item_vectors, dtype=np.float64))
+    fold = fold_of(list(range(len(U))) if groups is None else list(groups), folds)
+    oof = np.zeros(len(U))
+    for f in np.unique(fold):
+        test = fold == f
+        if test.all():  # one group only: no held-out fold; in-sample distances
+            return residual_norms(U, *principal_subspace(U, k))
+        oof[test] = residual_norms(U[test], *principal_subspace(U[~test], k))
+    return oof
+
+
+def fold_of(groups: list, folds: int = FOLDS) -> np.ndarray:
     """Fold of each item: the distinct groups in a fixed shuffled order, dealt round-robin into `folds` folds."""
     distinct = list(dict.fromkeys(str(g) for g in groups))
     order = np.random.default_rng(0).permutation(len(distinct))

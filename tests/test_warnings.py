@@ -138,7 +138,7 @@ def test_fit_profile_threshold_is_the_out_of_fold_quantile_times_the_margin():
     assert np.mean(profile.distances(held_out) > profile.distance_threshold) < 0.01
     assert np.mean(profile.distances(X) > profile.distance_threshold) == 0.0
     assert (profile.distances(np.eye(64)[40:50]) > profile.distance_threshold).all()  # directions never seen
-    assert fam._fold_of(groups, 5)[0] == fam._fold_of(groups, 5)[1]  # a letter's items share a fold
+    assert fam.fold_of(groups, 5)[0] == fam.fold_of(groups, 5)[1]  # a letter's items share a fold
     with pytest.raises(ValueError, match="item vectors"):
         fam.fit_profile(X, [1, 2])
 
