@@ -63,11 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
                                            for s in ("validation", "test")),
         "seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
         "epochs_run": len(result.history), "best_epoch": result.metrics.get("best_epoch"),
-        "threads": cfg.train.threads, "cpus": os.cpu_count(),
+        "threads": cfg.train.threads, "cpus": os.cpu_count(), "device": result.metrics.get("device"),
         "test_auroc": test.get("outcome", {}).get("auroc"), "test_f1": test.get("outcome", {}).get("f1"),
         "within_budget": seconds <= BUDGET_SECONDS and peak_rss_mb() <= BUDGET_RSS_MB,
     }  # fmt: skip
     print(result.table)
+    device = result.metrics.get("device") or {}
+    print(f"device: {device.get('device', '?')} ({device.get('precision', '?')}; train.device={cfg.train.device})")
     print(f"train + evaluate + log: {seconds:.1f} s (budget {BUDGET_SECONDS} s); peak RSS {peak_rss_mb():.0f} MB "
           f"(budget {BUDGET_RSS_MB} MB); {len(result.history)} epochs on {os.cpu_count()} CPUs")  # fmt: skip
     out = REPO / "bench" / "results" / f"train-{args.config}.json"

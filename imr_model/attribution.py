@@ -42,9 +42,12 @@ from captum.attr import LayerIntegratedGradients
 from imr_model.cues import evidence_spans
 from imr_model.modeling import GUIDELINE_POOLING
 from imr_model.pooling import window_weights
+from imr_model.window_cache import WindowCache
+from imr_model.windows import Windows
 
 OUTCOME = "outcome"
 DEFAULT_STEPS = 32
+BATCH_TOKENS = 4096  # tokens per integrated-gradients pass (steps × rows × window length)
 _WORD = re.compile(r"\S+")
 
 
@@ -59,6 +62,23 @@ class WordScore:
 
 
 @dataclass(frozen=True)
+class WindowSpan:
+    """One window of an item: where it is in the text, its pooling weight, and whether it was attributed.
+
+    `contribution` is weight × (F(window) − F(baseline)), the window's share of the item's target logit
+    difference: for an attributed window its word scores add up to it (up to the convergence delta); a
+    window with weight 0 (not pooled, e.g. all but the last under `last` pooling) contributes exactly 0; a
+    window left out by `coverage` < 1 carries what its words would have held, and they score 0.
+    """
+
+    start: int  # character span of the window's tokens in `Attribution.text`
+    end: int
+    weight: float
+    attributed: bool
+    contribution: float
+
+
+@dataclass(frozen=True)
 class Attribution:
     """Attributions of one item's target logit to the words of the text the model saw."""
 
@@ -68,6 +88,12 @@ class Attribution:
     words: tuple[WordScore, ...]
     delta: float  # Captum convergence delta: Σ scores − (F(x) − F(baseline)), pooled like the logits
     n_steps: int
+    windows: tuple[WindowSpan, ...] = ()  # every window of the item, attributed or not, in text order
+
+    @property
+    def unattributed(self) -> float:
+        """The part of the target logit difference held by windows that were not attributed (0 unless `coverage` < 1)."""
+        return float(sum(w.contribution for w in self.windows if not w.attributed))
 
     def top(self, k: int = 10, *, by: str = "abs") -> list[WordScore]:
         """The k words with the largest |score| (`by="abs"`), or the largest positive (`by="positive"`)."""
@@ -84,6 +110,7 @@ class Attribution:
             "delta": self.delta,
             "n_steps": self.n_steps,
             "words": [asdict(w) for w in self.words],
+            "windows": [asdict(w) for w in self.windows],
         }
         if include_text:
             out["text"] = self.text
@@ -106,12 +133,13 @@ def attribute(
     *,
     target: str = OUTCOME,
     n_steps: int = DEFAULT_STEPS,
-    batch_tokens: int = 4096,
+    batch_tokens: int = BATCH_TOKENS,
     text_view: str | None = None,
+    coverage: float = 1.0,
 ) -> Attribution:
     """Attribute one item's `target` logit to the words of `text` (already in the model's text view)."""
     return attribute_many(classifier, [text], target=target, n_steps=n_steps, batch_tokens=batch_tokens,
-                          text_view=text_view)[0]  # fmt: skip
+                          text_view=text_view, coverage=coverage)[0]  # fmt: skip
 
 
 def attribute_many(
@@ -120,29 +148,49 @@ def attribute_many(
     *,
     target: str = OUTCOME,
     n_steps: int = DEFAULT_STEPS,
-    batch_tokens: int = 4096,
+    batch_tokens: int = BATCH_TOKENS,
     text_view: str | None = None,
+    coverage: float = 1.0,
+    windows: Windows | None = None,
+    cache: WindowCache | None = None,
+    cache_key: str = "",
 ) -> list[Attribution]:
     """Attributions of many items at once: the attributed windows of all items share forward passes.
 
     Rows are independent (each has its own attention mask), so batching changes nothing but speed.
     Windows are grouped by length so that little is padding; `batch_tokens` bounds the tokens per
-    forward pass (interpolation steps × rows × window length).
+    forward pass (interpolation steps × rows × window length). A window that occurs several times (the
+    same sentence in several items) is integrated once. `cache` (`window_cache.WindowCache`, `cache_key`
+    naming the model) keeps each window's token scores for later calls, per target and `n_steps`.
+
+    `coverage` < 1 integrates only the windows that decide the item: the fewest, by |weight × (F(x) −
+    F(baseline))| (two plain forward passes per window), that carry `coverage` of the item's total; the others
+    are listed in `Attribution.windows` as not attributed, with their contribution, and their words score 0.
+    `windows`: `classifier.make_windows(texts)` when the caller has them already.
     """
     if n_steps < 2:
         raise ValueError(f"n_steps must be >= 2, got {n_steps}")
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
     column = check_target(target, classifier.label_names)
     texts = list(texts)
     if not texts:
         return []
     net, device = classifier.net, classifier.device
-    windows = classifier.make_windows(texts)
+    windows = classifier.make_windows(texts) if windows is None else windows
     owners = windows.item_ids.numpy()
     lengths = windows.attention_mask.sum(dim=1).numpy()
+    pad = classifier.tokenizer.pad_token_id or 0
 
     def target_logit(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         outcome, guidelines = net(input_ids, attention_mask)
         return outcome if column is None else guidelines[:, column]  # (rows,)
+
+    def baseline(group: np.ndarray, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids = windows.input_ids[group, :width].to(device)
+        mask = windows.attention_mask[group, :width].to(device)
+        special = (windows.offsets[group, :width] == 0).all(dim=-1).to(device)  # [CLS]/[SEP]/pad: no text span
+        return ids, mask, torch.where(special, ids, torch.full_like(ids, pad))
 
     # every pooling is linear: a window's weight does not depend on the logits (no extra forward pass)
     pooling = classifier.config.pooling if column is None else GUIDELINE_POOLING
@@ -151,42 +199,101 @@ def attribute_many(
         rows = np.flatnonzero(owners == item)
         weights[rows] = window_weights(len(rows), pooling)
     chosen = np.flatnonzero(weights > 0)
-    chosen = chosen[np.argsort(lengths[chosen], kind="stable")]  # by length: similar lengths share a pass
-    scores = np.zeros(tuple(windows.input_ids.shape), dtype=np.float64)  # (W, T); unattributed windows stay 0
-    deltas = np.zeros(len(windows), dtype=np.float64)
-    pad = classifier.tokenizer.pad_token_id or 0
+    contribution = np.zeros(len(windows), dtype=np.float64)  # weight × (F(x) − F(baseline)) per window
+    if coverage < 1.0:
+        contribution[chosen] = weights[chosen] * _logit_gaps(chosen, lengths, baseline, target_logit, batch_tokens)
+        chosen = _deciding_windows(chosen, owners, contribution, coverage)
+    keys = windows.input_ids.numpy()
+    key_of = {int(r): keys[r, : lengths[r]].tobytes() for r in chosen}
+    first: dict[bytes, int] = {}  # each distinct window once: the row that stands for it
+    for r in chosen:
+        first.setdefault(key_of[int(r)], int(r))
+    model_key = (cache_key, target, n_steps)
+    done: dict[bytes, tuple[np.ndarray, float]] = {}
+    if cache is not None:
+        done = {k: v for k, v in zip(first, cache.lookup(model_key, list(first))) if v is not None}
+    todo = np.array([r for k, r in first.items() if k not in done], dtype=np.int64)
+    todo = todo[np.argsort(lengths[todo], kind="stable")]  # by length: similar lengths share a pass
     lig = LayerIntegratedGradients(target_logit, net.get_input_embeddings())
+    new: dict[bytes, tuple[np.ndarray, float]] = {}
     start = 0
-    while start < len(chosen):
-        width = max(1, int(lengths[chosen[start]]))
+    while start < len(todo):
+        width = max(1, int(lengths[todo[start]]))
         rows_fit = max(1, batch_tokens // (n_steps * width))  # all steps of these rows in one pass
-        group = chosen[start : start + rows_fit]
+        group = todo[start : start + rows_fit]
         width = max(1, int(lengths[group].max()))
-        ids = windows.input_ids[group, :width].to(device)
-        mask = windows.attention_mask[group, :width].to(device)
-        special = (windows.offsets[group, :width] == 0).all(dim=-1).to(device)  # [CLS]/[SEP]/pad: no text span
-        baselines = torch.where(special, ids, torch.full_like(ids, pad))
+        ids, mask, baselines = baseline(group, width)
         with _frozen(net):
             attrs, delta = lig.attribute(inputs=ids, baselines=baselines, additional_forward_args=(mask,),
                                          n_steps=n_steps, internal_batch_size=max(len(group), batch_tokens // width),
                                          return_convergence_delta=True)  # fmt: skip
-        token_scores = attrs.sum(dim=-1).detach().float().cpu().numpy()
-        token_scores[~mask.cpu().numpy().astype(bool)] = 0.0
-        scores[group, :width] = token_scores * weights[group, None]
-        deltas[group] = delta.detach().double().cpu().numpy() * weights[group]
+        token_scores = attrs.sum(dim=-1).detach().double().cpu().numpy()
+        delta = delta.detach().double().cpu().numpy()
+        for j, r in enumerate(group):
+            new[key_of[int(r)]] = (token_scores[j, : lengths[r]].copy(), float(delta[j]))
         start += len(group)
+    if cache is not None and new:
+        cache.store(model_key, list(new), list(new.values()))
+    done.update(new)
+    scores = np.zeros(tuple(windows.input_ids.shape), dtype=np.float64)  # (W, T); unattributed windows stay 0
+    deltas = np.zeros(len(windows), dtype=np.float64)
+    attributed = np.zeros(len(windows), dtype=bool)
+    for r in chosen:
+        token_scores, delta = done[key_of[int(r)]]
+        scores[r, : lengths[r]] = token_scores * weights[r]
+        deltas[r] = delta * weights[r]
+        contribution[r] = weights[r] * (token_scores.sum() - delta)  # = weight × (F(x) − F(baseline)), Captum's delta
+        attributed[r] = True
     evidence = None  # the outcome's evidence-cue weights (model.outcome_cues), attributed after the windows
     if column is None and net.outcome_cues is not None:
         evidence = net.outcome_cues.weight.detach().double().cpu().numpy()[0]
     out = []
     for item, text in enumerate(texts):
-        rows = np.flatnonzero((owners == item) & (weights > 0))
-        words = merge_words(text, scores[rows], windows.offsets[rows].numpy())
+        rows = np.flatnonzero(owners == item)
+        words = merge_words(text, scores[rows[attributed[rows]]], windows.offsets[rows[attributed[rows]]].numpy())
         if evidence is not None:
             words = add_evidence_scores(text, words, evidence)
-        out.append(Attribution(target, text_view or classifier.config.text_view, text, words, float(deltas[rows].sum()),
-                               n_steps))  # fmt: skip
+        spans = tuple(_window_span(windows.offsets[r].numpy(), lengths[r], weights[r], attributed[r], contribution[r])
+                      for r in rows)  # fmt: skip
+        out.append(Attribution(target, text_view or classifier.config.text_view, text, words,
+                               float(deltas[rows].sum()), n_steps, spans))  # fmt: skip
     return out
+
+
+def _logit_gaps(rows: np.ndarray, lengths: np.ndarray, baseline, target_logit, batch_tokens: int) -> np.ndarray:
+    """F(x) − F(baseline) of the target logit for each window in `rows` (plain forward passes, by length)."""
+    gaps = np.zeros(len(rows), dtype=np.float64)
+    order = np.argsort(lengths[rows], kind="stable")
+    start = 0
+    with torch.inference_mode():
+        while start < len(order):
+            width = max(1, int(lengths[rows[order[start]]]))
+            take = order[start : start + max(1, batch_tokens // (2 * width))]
+            width = max(1, int(lengths[rows[take]].max()))
+            ids, mask, base = baseline(rows[take], width)
+            both = target_logit(torch.cat([ids, base]), torch.cat([mask, mask])).double().cpu().numpy()
+            gaps[take] = both[: len(take)] - both[len(take) :]
+            start += len(take)
+    return gaps
+
+
+def _deciding_windows(rows: np.ndarray, owners: np.ndarray, contribution: np.ndarray, coverage: float) -> np.ndarray:
+    """Per item, the fewest of `rows` whose |contribution| adds up to `coverage` of the item's total."""
+    keep = []
+    for item in np.unique(owners[rows]):
+        mine = rows[owners[rows] == item]
+        size = np.abs(contribution[mine])
+        ranked = mine[np.argsort(-size, kind="stable")]
+        cum = np.cumsum(np.sort(size)[::-1])
+        n = int(np.searchsorted(cum, coverage * cum[-1] - 1e-12)) + 1 if cum[-1] > 0 else len(mine)
+        keep.extend(ranked[: min(n, len(mine))])
+    return np.sort(np.asarray(keep, dtype=np.int64))
+
+
+def _window_span(offsets: np.ndarray, length: int, weight: float, attributed: bool, contribution: float) -> "WindowSpan":
+    real = offsets[:length][offsets[:length, 1] > 0]
+    start, end = (int(real[:, 0].min()), int(real[:, 1].max())) if len(real) else (0, 0)
+    return WindowSpan(start, end, float(weight), bool(attributed), float(contribution))
 
 
 def add_evidence_scores(text: str, words: tuple[WordScore, ...], weights: np.ndarray) -> tuple[WordScore, ...]:

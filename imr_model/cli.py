@@ -136,13 +136,18 @@ def data_build(
     test_size: Annotated[float, typer.Option(help="Test fraction.")] = 0.15,
     text_column: Annotated[Optional[str], typer.Option(help="Text column of tables.")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="Label column of tables.")] = None,
+    near_duplicates: Annotated[bool, typer.Option("--near-duplicates/--no-near-duplicates",
+                                                  help="Report near-duplicate rationales across splits (exact "
+                                                       "TF-IDF cosine >= 0.9; slow on very large templated corpora).")] = True,
 ) -> None:
     """Build train/validation/test (grouped by letter, stratified) with the three text views, and save it."""
-    from imr_model.dataset import build_dataset, load_records, save_dataset
+    from imr_model.dataset import build_dataset, iter_records, save_dataset
 
-    try:
-        records, errors = load_records(inputs, text_column=text_column, label_column=label_column)
-        dd = build_dataset(records, seed=seed, val_size=val_size, test_size=test_size)
+    errors: list = []
+    try:  # records stream from the parser and the tables into the build: memory stays bounded
+        records = iter_records(inputs, errors=errors, text_column=text_column, label_column=label_column)
+        dd = build_dataset(records, seed=seed, val_size=val_size, test_size=test_size,
+                           dedup_threshold=0.9 if near_duplicates else None)  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
         _say(f"{exc}", "red")
         raise typer.Exit(code=2) from None
@@ -150,11 +155,14 @@ def data_build(
     for err in errors:
         _say(f"skipped {err}", "yellow")
     _say(json.dumps({k: dd.report[k] for k in ("sizes", "overturn_rate", "masked_sentences")}))
-    _say(f"near-duplicate pairs across splits: {dd.report['near_duplicates']['pairs']} → {output}")
+    dups = dd.report["near_duplicates"]
+    _say(f"near-duplicate pairs across splits: {'not checked' if dups.get('skipped') else dups['pairs']} → {output}")
 
 
 # --------------------------------------------------------------------------- inference (score / explain / serve)
 _MODEL_HELP = "Model directory or MLflow URI; default $IMR_MODEL_URI, then models:/imr-classifier@champion, then newest ./models/*."
+_DEVICE_HELP = ("auto | cpu | cuda | cuda:N | mps (auto: CUDA if available, else MPS, else CPU; CUDA autocasts to "
+                "bf16/fp16; imr_model/devices.py).")
 
 
 def _fail(exc: BaseException, uri: str | None = None) -> None:
@@ -199,7 +207,7 @@ def _one_line_errors(uri: str | None = None) -> Iterator[None]:
         _fail(exc, uri)
 
 
-def _load_reported(model: str | None, backend: str = "torch"):
+def _load_reported(model: str | None, backend: str = "torch", device: str | None = None):
     """Resolve and load the model, then say which one it is (URI, version, training data) on stderr.
 
     Warns when the model was trained on the synthetic demo letters, or when no model was named and the
@@ -210,7 +218,7 @@ def _load_reported(model: str | None, backend: str = "torch"):
     with _one_line_errors(model):
         uri = resolve_model_uri(model)
     with _one_line_errors(uri):
-        predictor = load_model(uri, backend=backend)
+        predictor = load_model(uri, backend=backend, device=device)
     if model:
         how = "--model"
     elif os.environ.get(MODEL_ENV, "").strip():
@@ -224,7 +232,7 @@ def _load_reported(model: str | None, backend: str = "torch"):
     source = getattr(cfg, "data_source", "") or "unknown (saved before training sources were recorded)"
     _say(
         f"model: {uri}{f' = {resolved}' if resolved and resolved != uri else ''} [{how}]; "
-        f"version {cfg.version or '?'}; {predictor.backend} backend; trained on {source}"
+        f"version {cfg.version or '?'}; {predictor.backend} backend on {predictor.device}; trained on {source}"
     )
     if source.startswith("demo:"):
         _say(
@@ -270,6 +278,7 @@ def score(
     engine: Annotated[str, typer.Option(help="local | spark (mlflow.pyfunc.spark_udf; needs an MLflow model URI; "
                                                    "extra imr-model\\[spark]).")] = "local",
     n_steps: Annotated[int, typer.Option(help="Integration steps for --attributions.")] = 32,
+    device: Annotated[Optional[str], typer.Option(help=_DEVICE_HELP + " Engine local only.")] = None,
 ) -> None:
     """Score letters into one row per item (outcome, p_overturned, guidelines); resumable and crash-safe."""
     from imr_model.score_output import lock_output, output_format
@@ -300,7 +309,7 @@ def score(
             except _EXPECTED as exc:
                 _fail(exc)
             try:
-                predictor = _load_reported(model, backend)
+                predictor = _load_reported(model, backend, device)
                 summary = score_letters(inputs, output, model=predictor, attributions=attributions, batch_size=batch_size,
                                         backend=backend, n_steps=n_steps, lock=lock)  # fmt: skip
             except _EXPECTED as exc:
@@ -311,8 +320,39 @@ def score(
         f"{summary.letters} letters, {summary.items} items, {summary.errors} errors, {summary.skipped} already done "
         f"in {_rate(summary.items, 'items', start)} → {output}"
     )
+    if getattr(summary, "drift", None) is not None:
+        from imr_model.drift import summary_line
+
+        _say(summary_line(summary.drift), "yellow" if summary.drift["drifted"] else None)
+    elif engine == "spark":
+        _say("drift: not computed with --engine spark (run imr drift on the same inputs)")
     if summary.letters == 0 and summary.skipped == 0:
         _say(f"no input could be scored ({summary.errors} errors); see the error rows in {output}", "red")
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def drift(
+    inputs: Annotated[list[str], typer.Argument(help="Letter files, folders, globs, or item tables (.csv/.jsonl/.parquet).")],
+    model: Annotated[Optional[str], typer.Option(help=_MODEL_HELP)] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the report: REPORT.json or REPORT.html.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 32,
+) -> None:
+    """Did this batch drift from the model's training items, and on what? Exit 1 when it did (docs/usage.md, Drift)."""
+    from imr_model.drift import report_lines, write_report
+    from imr_model.scoring import drift_report
+
+    if output is not None and output.suffix.lower() not in (".json", ".html", ".htm"):
+        _fail(ValueError(f"--output {output}: use a .json or .html name"))
+    predictor = _load_reported(model)
+    with _one_line_errors(model):
+        report = drift_report(inputs, model=predictor, batch_size=batch_size)
+        if output is not None:
+            write_report(report, output)
+    typer.echo("\n".join(report_lines(report)))
+    if output is not None:
+        _say(f"report → {output}")
+    if report["drifted"]:
         raise typer.Exit(code=1)
 
 
@@ -324,13 +364,14 @@ def explain(
     target: Annotated[str, typer.Option(help="'outcome' or a guideline label id.")] = "outcome",
     n_steps: Annotated[int, typer.Option(help="Integration steps.")] = 32,
     top_k: Annotated[int, typer.Option(help="Rows of the top-words table per item.")] = 10,
+    device: Annotated[Optional[str], typer.Option(help=_DEVICE_HELP + " Attributions run in fp32.")] = None,
 ) -> None:
     """Write a self-contained HTML report: each item's prediction with its words shaded by attribution."""
     from imr_model.report import explain as explain_letter
 
     if not Path(letter).is_file():
         _fail(FileNotFoundError(f"{letter}: no such file"))
-    predictor = _load_reported(model)
+    predictor = _load_reported(model, device=device)
     try:
         path = explain_letter(Path(letter), output, model=predictor, target=target, n_steps=n_steps, top_k=top_k)
     except _EXPECTED as exc:
@@ -352,6 +393,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests waiting for a worker before 503.")] = 16,
     body_timeout: Annotated[float, typer.Option(help="Seconds to receive a request body (408 beyond).")] = 30.0,
     header_timeout: Annotated[float, typer.Option(help="Seconds to receive the request line and headers.")] = 10.0,
+    device: Annotated[Optional[str], typer.Option(help=_DEVICE_HELP + " Every worker loads its own copy there.")] = None,
 ) -> None:
     """Serve predictions over HTTP (FastAPI + uvicorn: extra imr-model\\[serve]); $IMR_API_TOKEN requires a bearer token."""
     import gc
@@ -361,7 +403,8 @@ def serve(
     with _extras_needed(backend=backend):  # [serve] (and [onnx] for --backend onnx) before the model loads
         from imr_model.serving import serve as run_server
 
-    predictor = _load_reported(model, backend)  # a bad model fails here, before a port is bound
+    predictor = _load_reported(model, backend, "cpu")  # a bad model fails here, before a port is bound (a bad
+    # device fails in create_app, before a worker starts); this check copy never goes to the GPU
     uri = predictor.uri
     del predictor
     clear_cache()  # the workers load their own copy; this process only answers HTTP
@@ -369,7 +412,7 @@ def serve(
     try:
         run_server(uri, host=host, port=port, backend=backend, timeout_s=timeout,
                    max_body_bytes=int(max_body_mb * 1024 * 1024), workers=workers, max_queue=max_queue,
-                   body_timeout_s=body_timeout, header_timeout_s=header_timeout)  # fmt: skip
+                   body_timeout_s=body_timeout, header_timeout_s=header_timeout, device=device)  # fmt: skip
     except _EXPECTED as exc:
         _fail(exc, uri)
 
@@ -386,13 +429,14 @@ def train(
     cv: Annotated[int, typer.Option("--cv", help="Also run grouped K-fold cross-validation with pooled out-of-fold metrics (K >= 2).")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write all metrics to this JSON file.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    device: Annotated[Optional[str], typer.Option(help=_DEVICE_HELP + " Default: the config's train.device.")] = None,
 ) -> None:
     """Train the TF-IDF baseline and the transformer, evaluate both, log to MLflow and register the model."""
     from imr_model.experiment import result_lines, train_from_config
 
     log_to_stderr()
     with _one_line_errors():
-        result = train_from_config(config, data, overrides or [], cv=cv, json_out=json_out, quiet=quiet)
+        result = train_from_config(config, data, _with_device(overrides, device), cv=cv, json_out=json_out, quiet=quiet)
     typer.echo("\n".join(result_lines(result)))
 
 
@@ -402,13 +446,16 @@ def evaluate(
     data: Annotated[list[str], typer.Option("--data", help=_DATA_HELP + " Repeatable.")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics to this JSON file.")] = None,
     batch_size: Annotated[int, typer.Option(help="Items per model batch.")] = 32,
+    slices: Annotated[bool, typer.Option("--slices", help="Also print the model's metrics per slice (docs/usage.md, Slices).")] = False,
 ) -> None:
     """Print majority / TF-IDF / model metrics on labelled letters; optionally write them as JSON."""
-    from imr_model.evaluation import evaluate_model
+    from imr_model.evaluation import evaluate_model, format_slices
 
     with _one_line_errors(model):
         result, table = evaluate_model(model, data, batch_size=batch_size)
     typer.echo(table)
+    if slices:
+        typer.echo("\n" + format_slices(result["slices"]))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2, default=float), encoding="utf-8")
@@ -433,20 +480,78 @@ def promote(
 
 
 @app.command()
+def card(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory (models/<config>-<timestamp>).")],
+) -> None:
+    """(Re)write MODEL_DIR/README.md, the model card, from its config.json and metrics.json (training writes it too)."""
+    from imr_model.modelcard import write_card
+
+    with _one_line_errors():
+        path = write_card(model_dir)
+    typer.echo(f"model card → {path}")
+
+
+@app.command()
 def pretrain(
     config: Annotated[str, typer.Option("--config", "-c", help="Config whose model.backbone is adapted.")] = "default",
     data: Annotated[Optional[list[str]], typer.Option("--data", help=_DATA_HELP + " Repeatable; required; labels are not used.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Backbone directory to write (use it as model.backbone).")] = Path("models/backbone-mlm"),
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value (repeatable).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    device: Annotated[Optional[str], typer.Option(help=_DEVICE_HELP + " Default: the config's train.device.")] = None,
 ) -> None:
     """Continue masked-LM pretraining of the backbone on letter text; reports held-out perplexity before/after."""
     from imr_model.experiment import pretrain_from_config, pretrain_report_lines
 
     log_to_stderr()
     with _one_line_errors():
-        report = pretrain_from_config(config, data, output, overrides or [], quiet=quiet)
+        report = pretrain_from_config(config, data, output, _with_device(overrides, device), quiet=quiet)
     typer.echo("\n".join(pretrain_report_lines(report, output)))
+
+
+def _with_device(overrides: Optional[list[str]], device: Optional[str]) -> list[str]:
+    """--set overrides plus `train.device=DEVICE` for --device (validated with the config, like any override)."""
+    return [*(overrides or []), *([f"train.device={device}"] if device is not None else [])]
+
+
+@app.command()
+def review(
+    data: Annotated[list[str], typer.Option("--data", help=_DATA_HELP + " Repeatable; required.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="review.csv or review.html: every item, ranked.")],
+    config: Annotated[str, typer.Option("--config", "-c", help="YAML path or a name in configs/ (review: rationale "
+                                        "view, probe recipe).")] = "review",
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value (repeatable).")] = None,
+    folds: Annotated[int, typer.Option("--folds", help="Grouped (by letter) cross-validation folds.")] = 5,
+    seed: Annotated[Optional[int], typer.Option(help="Fold seed (default: the config's seed).")] = None,
+    rank_by: Annotated[str, typer.Option("--rank-by", help="outcome | guidelines | any (the lower label quality).")] = "outcome",
+    top: Annotated[int, typer.Option(help="Rows of the printed summary.")] = 10,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Rank items by how likely their given outcome / guideline labels are wrong (out-of-fold cleanlab review)."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    from imr_model.review import review_from_config, summary_lines, write_review
+
+    if output.suffix.lower() not in (".csv", ".html", ".htm"):
+        _fail(ValueError(f"{output}: the review output must end in .csv or .html"))
+    log_to_stderr()
+    with _one_line_errors(), progress_bar("cross-validating", total=folds, unit="folds", disable=quiet) as bar:
+        result = review_from_config(config, data, overrides or [], k=folds, seed=seed, rank_by=rank_by, quiet=quiet,
+                                    on_fold=lambda fold: bar.advance())  # fmt: skip
+    with _one_line_errors():
+        path = write_review(result, output)
+    header, *rows = summary_lines(result, top)
+    table = Table(title=f"first {len(rows)} of {len(result.rows)} items ({result.n_flagged} flagged)", box=box.SIMPLE_HEAD)
+    for name in header:  # the ids stay whole; the guideline issues (-doubted +missing) wrap
+        table.add_column(name, no_wrap=name != "guidelines", overflow="fold")
+    for row in rows:
+        table.add_row(*(Text(v) for v in row))
+    Console().print(table)
+    typer.echo(f"{len(result.rows)} items, {result.n_flagged} flagged ({int(result.rows['flagged_outcome'].sum())} "
+               f"outcome, {int(result.rows['flagged_guidelines'].sum())} guidelines); config {result.config}, view "
+               f"{result.text_view}, {result.k}-fold grouped CV → {path}")  # fmt: skip
 
 
 def main(argv: Optional[list[str]] = None) -> None:

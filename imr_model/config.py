@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imr_model.devices import DEVICE_SPECS, DeviceError, check_device_spec
 from imr_model.pooling import Pooling
 
 TEXT_VIEWS = ("rationale", "rationale_masked", "forecast")
@@ -142,6 +143,10 @@ class TrainSection(_Section):
     # trained on, before fitting it; per fold with --cv (only that fold's training letters). experiment.domain_adapted
     domain_adaptation: bool = False
     threads: int = Field(2, ge=0)  # torch intra-op threads (the 2-core budget); 0 = torch's default (physical cores)
+    # where training and pretraining run (imr_model/devices.py): auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N,
+    # mps; on CUDA the forward passes autocast to bf16 (fp16 + GradScaler where bf16 is unsupported). Not saved with
+    # the model: a model trained anywhere loads and predicts on the CPU.
+    device: str = "auto"
 
     @field_validator("pos_weight")
     @classmethod
@@ -149,6 +154,14 @@ class TrainSection(_Section):
         if not isinstance(v, str) and v <= 0:
             raise ValueError(f"train.pos_weight must be > 0 or 'auto', got {v}")
         return v
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_spec(cls, v: Any) -> str:
+        try:
+            return check_device_spec(v)
+        except DeviceError:
+            raise ValueError(f"must be {DEVICE_SPECS}") from None
 
 
 class DataSection(_Section):
@@ -212,7 +225,7 @@ class TrainConfig(_Section):
 
 
 def count_fields(model: type[BaseModel] = None) -> int:
-    """Number of config fields, sections included (the #20 budget: at most 60)."""
+    """Number of config fields, sections included (the #20 budget of 60, plus `train.device` from #22: at most 61)."""
     model = model or TrainConfig
     total = 0
     for field in model.model_fields.values():

@@ -6,20 +6,31 @@ of `views.py` (``rationale``, ``rationale_masked``, ``forecast``; the masking ru
 Splits are grouped by ``letter_id`` (no letter in two splits), stratified by outcome as far as the
 groups allow, and seeded. `build_dataset` attaches a report (`dd.report`: sizes, overturn rates,
 masking counts, near-duplicate texts across splits) and logs counts only, never text.
+
+Memory: `build_dataset` streams. Records are read once (from any iterable, e.g. `iter_records`, which
+streams letters and tables) into a temporary spool file; what stays in memory per item is its label,
+letter, index, the extra (non-schema) fields and the near-duplicate view's TF-IDF row. The splits are
+then written row by row into Arrow files that the returned `DatasetDict` memory-maps (deleted with it).
+Near-duplicate pairs are counted as they are found, never held as a list (`near_duplicate_summary`).
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import heapq
 import json
 import logging
+import os
+import tempfile
+import weakref
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value, load_from_disk
+from datasets.arrow_writer import ArrowWriter
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.model_selection import StratifiedGroupKFold
 
@@ -31,6 +42,7 @@ from imr_model.tabular import (  # noqa: F401 - re-exported: the dataset API is 
     download_dmhc,
     load_dmhc,
     normalize_label,
+    iter_table_records,
     read_table,
     records_from_table,
 )
@@ -141,21 +153,76 @@ def find_near_duplicates(
     their common-term product (product of the common-term norms) reaches the threshold, then are
     checked; (b) documents whose common-term norm alone reaches the threshold ("heavy", e.g. templated
     text) can match without a rare term, so pairs of them are computed in full. 10k items: ~1-4 s.
+    The list holds every pair; `near_duplicate_summary` counts them in constant memory instead.
     """
+    pairs = [p for a, b, v in _pair_chunks(texts, groups, threshold, chunk_size) for p in zip(a.tolist(), b.tolist(), v.tolist())]
+    return sorted((a, b, min(v, 1.0)) for a, b, v in pairs)
+
+
+def near_duplicate_summary(
+    texts: Iterable[str], groups: Sequence[str] | None = None, *, threshold: float = 0.9, chunk_size: int = 512,
+    examples: int = 20,
+) -> dict:  # fmt: skip
+    """What `find_near_duplicates` finds, without holding the pairs: {"pairs": count, "items_involved": count,
+    "examples": the `examples` first pairs (i, j, cosine) in (i, j) order}. `texts` may be any iterable (it is read
+    once), so a caller can stream them. On templated text the number of pairs grows with the square of the items
+    (the demo letters: 1,308 pairs among 2,515 items, 200,628 among 25,229); memory here grows with the items only."""
+    count, involved, best = 0, set(), []
+    for a, b, v in _pair_chunks(texts, groups, threshold, chunk_size):
+        if not len(a):
+            continue
+        count += len(a)
+        involved.update(a.tolist())
+        involved.update(b.tolist())
+        first = np.lexsort((b, a))[:examples]
+        best = heapq.nsmallest(examples, best + list(zip(a[first].tolist(), b[first].tolist(), v[first].tolist())))
+    return {"pairs": count, "items_involved": len(involved), "examples": [(a, b, min(v, 1.0)) for a, b, v in best]}
+
+
+#: Bound on the entries of one block of pairwise products (rows x columns); the chunk shrinks as the corpus grows,
+#: so a block's memory stays bounded (a 512-row block of a 25k-item templated corpus was ~13M entries).
+BLOCK_ENTRIES = 2_000_000
+
+
+def _pair_chunks(texts: Iterable[str], groups: Sequence[str] | None, threshold: float, chunk_size: int):
+    """Yield (i, j, cosine) arrays of the near-duplicate pairs (original indices, i < j), a block at a time."""
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    if groups is not None and len(groups) != len(texts):
-        raise ValueError(f"texts has {len(texts)} items but groups has {len(groups)}")
-    keep = np.asarray([i for i, t in enumerate(texts) if t and t.strip()], dtype=np.int64)
-    if len(keep) < 2:
-        return []
+    keep: list[int] = []
+    n_texts = 0
+
+    def non_empty() -> Iterator[str]:
+        nonlocal n_texts
+        for i, t in enumerate(texts):
+            n_texts = i + 1
+            if t and t.strip():
+                keep.append(i)
+                yield t
+
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, dtype=np.float32)
-    matrix = vectorizer.fit_transform([texts[i] for i in keep])  # rows are L2-normalised: dot = cosine
-    group = np.asarray([str(groups[i]) for i in keep]) if groups is not None else np.zeros(len(keep), dtype=int)
+    docs = non_empty()
+    first = [t for _, t in zip(range(2), docs)]  # TfidfVectorizer fails on fewer than 2 non-empty texts
+    if len(first) < 2:
+        for _ in docs:
+            pass
+        if groups is not None and len(groups) != n_texts:
+            raise ValueError(f"texts has {n_texts} items but groups has {len(groups)}")
+        return
+    matrix = vectorizer.fit_transform(_chain(first, docs))  # rows are L2-normalised: dot = cosine
+    if groups is not None and len(groups) != n_texts:
+        raise ValueError(f"texts has {n_texts} items but groups has {len(groups)}")
+    keep_a = np.asarray(keep, dtype=np.int64)
+    group = np.asarray([str(groups[i]) for i in keep_a]) if groups is not None else np.zeros(len(keep_a), dtype=int)
     order = np.argsort(group, kind="stable")  # rows sorted by group: cross-group pairs are contiguous blocks
-    i, j, sim = _near_pairs(matrix[order], group[order], groups is not None, threshold - 1e-6, chunk_size)
-    a, b = keep[order[i]], keep[order[j]]
-    return sorted((int(min(x, y)), int(max(x, y)), float(min(v, 1.0))) for x, y, v in zip(a, b, sim))
+    chunk = max(16, min(chunk_size, BLOCK_ENTRIES // max(1, len(keep_a))))
+    for i, j, sim in _near_pairs(matrix[order], group[order], groups is not None, threshold - 1e-6, chunk):
+        a, b = keep_a[order[i]], keep_a[order[j]]
+        yield np.minimum(a, b), np.maximum(a, b), sim
+
+
+def _chain(head: list[str], tail: Iterator[str]) -> Iterator[str]:
+    yield from head
+    yield from tail
 
 
 def _row_pairs(m, group: np.ndarray, cross: bool, chunk: int):
@@ -175,33 +242,24 @@ def _row_pairs(m, group: np.ndarray, cross: bool, chunk: int):
 
 
 def _near_pairs(x, group: np.ndarray, cross: bool, t: float, chunk: int):
+    """Yield (i, j, cosine) arrays of the pairs with cosine >= t (row indices of `x`), block by block."""
     n = x.shape[0]
     df = np.bincount(x.indices, minlength=x.shape[1])
     common = df > max(32, n // 100)
     common_norm = np.sqrt(np.asarray(x[:, common].power(2).sum(axis=1)).ravel())
     heavy = common_norm >= t
-    cand_i, cand_j = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
     for i, j, dot in _row_pairs(x[:, ~common].tocsr(), group, cross, chunk):  # (a) share a rare term
         maybe = ~(heavy[i] & heavy[j]) & (dot + common_norm[i] * common_norm[j] >= t)
-        cand_i.append(i[maybe])
-        cand_j.append(j[maybe])
-    ci, cj = np.concatenate(cand_i), np.concatenate(cand_j)
-    sims = np.concatenate(
-        [
-            np.asarray(x[ci[k : k + 65536]].multiply(x[cj[k : k + 65536]]).sum(axis=1)).ravel()
-            for k in range(0, len(ci), 65536)
-        ]
-        or [np.empty(0, np.float32)]
-    )
-    ok = sims >= t
-    out_i, out_j, out_v = [ci[ok]], [cj[ok]], [sims[ok]]
+        ci, cj = i[maybe], j[maybe]
+        for k in range(0, len(ci), 65536):
+            a, b = ci[k : k + 65536], cj[k : k + 65536]
+            sims = np.asarray(x[a].multiply(x[b]).sum(axis=1)).ravel()
+            ok = sims >= t
+            yield a[ok], b[ok], sims[ok]
     h = np.flatnonzero(heavy)  # (b) heavy pairs, exact products
     for i, j, dot in _row_pairs(x[h], group[h], cross, chunk):
         ok = dot >= t
-        out_i.append(h[i[ok]])
-        out_j.append(h[j[ok]])
-        out_v.append(dot[ok])
-    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_v)
+        yield h[i[ok]], h[j[ok]], dot[ok]
 
 
 # --------------------------------------------------------------------------- datasets
@@ -225,12 +283,19 @@ def _features(columns: Mapping[str, list]) -> Any:
     return Features(feats)
 
 
-def _split_dataset(rows: list[dict], columns: list[str]) -> Any:
-    data = {c: [r.get(c) for r in rows] for c in columns}
-    for c in ("guideline_labels", "odg_chapters"):
-        data[c] = [list(v) if v is not None else [] for v in data[c]]
-    data["item_index"] = [int(v) if v is not None else 1 for v in data["item_index"]]
-    return Dataset.from_dict(data, features=_features(data))
+def _validated_row(record: Mapping, i: int) -> dict:
+    """One record as a row dict with its decision normalised; ValueError naming the record otherwise."""
+    row = dict(record)
+    try:
+        row["decision"] = normalize_label(row.get("decision"))
+    except ValueError as exc:
+        raise ValueError(f"record {i} ({row.get('letter_id')!r}): {exc}") from None
+    if row["decision"] is None:
+        raise ValueError(f"record {i} ({row.get('letter_id')!r}) has no decision; expected Upheld/Overturned")
+    return row
+
+
+_SPOOL_FIELDS = (*RECORD_FIELDS, "label", *VIEWS)  # what the spool file holds per row (extras stay in memory)
 
 
 def build_dataset(
@@ -240,12 +305,16 @@ def build_dataset(
     val_size: float = 0.15,
     test_size: float = 0.15,
     dedup_view: str = "rationale",
-    dedup_threshold: float = 0.9,
+    dedup_threshold: float | None = 0.9,
 ) -> Any:
     """Records → `DatasetDict` train/validation/test with `label` and one column per view.
 
     The report (sizes, overturn rates, masking counts, near-duplicate texts of `dedup_view` across
-    splits) is attached as `dd.report` and saved by `save_dataset`.
+    splits) is attached as `dd.report` and saved by `save_dataset`. `dedup_threshold=None` skips the
+    near-duplicate check (`imr data build --no-near-duplicates`): it is exact, and on templated text its time
+    grows faster than the number of items (docs/experiments.md, "Scale"); the report then says `"skipped": true`. `records` is read once, as a stream
+    (module docstring: memory); the splits are Arrow files in a temporary directory that lives as long as
+    the returned `DatasetDict` or any of its `Dataset`s.
     """
     for name, value in (("val_size", val_size), ("test_size", test_size)):
         if not 0 <= value < 1:
@@ -254,54 +323,110 @@ def build_dataset(
         raise ValueError(f"val_size + test_size must be < 1, got {val_size} + {test_size}")
     if dedup_view not in VIEWS:
         raise ValueError(f"unknown dedup_view {dedup_view!r}; valid views: {list(VIEWS)}")
-    rows = _validated(records)
-    masked_counts = []
-    for row in rows:
-        row["label"] = int(row["decision"] == OVERTURNED)
-        row["rationale"] = str(row.get("rationale") or "")
-        row["rationale_masked"], n_masked = mask_conclusions(row["rationale"])
-        masked_counts.append(n_masked)
-        row["forecast"] = text_view(row, "forecast")
+    spool_dir = tempfile.TemporaryDirectory(prefix="imr-dataset-", ignore_cleanup_errors=True)
+    spool = Path(spool_dir.name) / "rows.jsonl"
+    labels, groups, refs, masked_counts = [], [], [], []  # per row: small values only
+    extras: dict[str, dict[int, Any]] = {}  # fields beyond the schema (tables, DMHC): {field: {row: value}}
+    with spool.open("w", encoding="utf-8") as out:
+        for i, record in enumerate(records):
+            row = _validated_row(record, i)
+            row["label"] = int(row["decision"] == OVERTURNED)
+            row["rationale"] = str(row.get("rationale") or "")
+            row["rationale_masked"], n_masked = mask_conclusions(row["rationale"])
+            row["forecast"] = text_view(row, "forecast")
+            labels.append(row["label"])
+            groups.append(str(row["letter_id"]) if row.get("letter_id") not in (None, "") else f"\x00row{i}")
+            refs.append((row.get("letter_id"), row.get("item_index")))
+            masked_counts.append(n_masked)
+            for key in row.keys() - set(_SPOOL_FIELDS):
+                extras.setdefault(key, {})[i] = row[key]
+            out.write(json.dumps({k: row.get(k) for k in _SPOOL_FIELDS}, ensure_ascii=False, default=str) + "\n")
+    if not labels:
+        raise ValueError("no records: build_dataset needs at least one labelled item record")
     fractions = (1 - val_size - test_size, val_size, test_size)
-    split_of = assign_splits([r["label"] for r in rows], _groups(rows), fractions, seed)
-    extras = sorted({k for r in rows for k in r} - set(RECORD_FIELDS) - set(VIEWS) - {"label"})
-    columns = [*RECORD_FIELDS, *extras, "label", *VIEWS]
-    dd = DatasetDict(
-        {name: _split_dataset([r for r, s in zip(rows, split_of) if s == k], columns) for k, name in enumerate(SPLITS)}
-    )
-    texts = [r[dedup_view] for r in rows]
-    dups = find_near_duplicates(texts, [SPLITS[s] for s in split_of], threshold=dedup_threshold)
-    dd.report = _report(rows, split_of, masked_counts, dups, dedup_view, dedup_threshold, seed)
+    split_of = assign_splits(labels, groups, fractions, seed)
+    dups = (near_duplicate_summary((row[dedup_view] for row in _spooled(spool)), [SPLITS[s] for s in split_of],
+                                   threshold=dedup_threshold) if dedup_threshold is not None else None)  # fmt: skip
+    columns = [*RECORD_FIELDS, *sorted(extras), "label", *VIEWS]
+    dd = DatasetDict(_write_splits(spool, split_of, columns, extras, Path(spool_dir.name)))
+    spool.unlink()
+    for ds in (dd, *dd.values()):  # the Arrow files go when the last of these goes
+        ds._imr_files = spool_dir
+    dd.report = _report(labels, refs, split_of, masked_counts, dups, dedup_view, dedup_threshold, seed)
     logger.info("dataset built: %s", {k: dd.report[k] for k in ("sizes", "overturn_rate", "masked_sentences")})
-    if dups:
+    if dups is not None and dups["pairs"]:
         logger.warning(
-            "%d near-duplicate %s pairs across splits (cosine >= %.2f)", len(dups), dedup_view, dedup_threshold
+            "%d near-duplicate %s pairs across splits (cosine >= %.2f)", dups["pairs"], dedup_view, dedup_threshold
         )
     return dd
 
 
-def _report(rows, split_of, masked_counts, dups, view, threshold, seed) -> dict:
-    labels = np.array([r["label"] for r in rows])
+def _spooled(spool: Path) -> Iterator[dict]:
+    with spool.open(encoding="utf-8") as fh:
+        for line in fh:
+            yield json.loads(line)
+
+
+def _write_splits(spool: Path, split_of: np.ndarray, columns: list[str], extras: dict[str, dict[int, Any]],
+                  folder: Path) -> dict[str, Any]:  # fmt: skip
+    """Each split's rows, streamed from the spool into an Arrow file, memory-mapped as a `Dataset`.
+
+    A split's features are those `Dataset.from_dict` gave its columns: the schema's types, extra columns typed from
+    that split's values (stringified where they mix types)."""
+    members = [np.flatnonzero(split_of == k) for k in range(len(SPLITS))]
+    features, extra_values, writers = [], [], []
+    for k, name in enumerate(SPLITS):
+        values = {c: [extras[c].get(int(i)) for i in members[k]] for c in extras}
+        features.append(_features({c: values.get(c, []) for c in columns}))
+        extra_values.append(values)
+        writers.append(ArrowWriter(features=features[k], path=str(folder / f"{name}.arrow")))
+    position = np.zeros(len(split_of), dtype=np.int64)  # a row's index within its split
+    for k in range(len(SPLITS)):
+        position[members[k]] = np.arange(len(members[k]))
+    for i, row in enumerate(_spooled(spool)):
+        k, p = int(split_of[i]), int(position[i])
+        example = {c: row[c] if c in row else extra_values[k][c][p] for c in columns}
+        for c in ("guideline_labels", "odg_chapters"):
+            example[c] = list(example[c]) if example[c] is not None else []
+        example["item_index"] = int(example["item_index"]) if example["item_index"] is not None else 1
+        writers[k].write(features[k].encode_example(example))
+    out = {}
+    for k, name in enumerate(SPLITS):
+        writers[k].finalize()
+        writers[k].close()
+        out[name] = Dataset.from_file(str(folder / f"{name}.arrow"), info=_info(features[k]))
+    return out
+
+
+def _info(features: Features):
+    from datasets import DatasetInfo
+
+    return DatasetInfo(features=features)
+
+
+def _report(labels, refs, split_of, masked_counts, dups, view, threshold, seed) -> dict:
+    labels = np.asarray(labels)
     in_split = {name: np.flatnonzero(split_of == k) for k, name in enumerate(SPLITS)}
 
     def ref(i: int) -> dict:  # ids only: the report is logged and saved, so it never holds text
-        row = rows[i]
-        return {"split": SPLITS[split_of[i]], "letter_id": row.get("letter_id"), "item_index": row.get("item_index")}
+        letter_id, item_index = refs[i]
+        return {"split": SPLITS[split_of[i]], "letter_id": letter_id, "item_index": item_index}
 
     return {
         "seed": seed,
         "sizes": {name: len(idx) for name, idx in in_split.items()},
-        "letters": {name: len({rows[i].get("letter_id") for i in idx}) for name, idx in in_split.items()},
+        "letters": {name: len({refs[i][0] for i in idx}) for name, idx in in_split.items()},
         "overturn_rate": {n: round(float(labels[idx].mean()), 4) if len(idx) else None for n, idx in in_split.items()},
         "masked_sentences": int(sum(masked_counts)),
         "items_without_masked_sentence": int(sum(1 for n in masked_counts if n == 0)),
         "near_duplicates": {
             "view": view,
             "threshold": threshold,
-            "pairs": len(dups),
-            "items_involved": len({i for p in dups for i in p[:2]}),
-            "examples": [{"a": ref(i), "b": ref(j), "cosine": round(v, 4)} for i, j, v in dups[:20]],
-        },
+            "pairs": dups["pairs"],
+            "items_involved": dups["items_involved"],
+            "examples": [{"a": ref(i), "b": ref(j), "cosine": round(v, 4)} for i, j, v in dups["examples"]],
+        } if dups is not None else {"view": view, "threshold": None, "skipped": True, "pairs": None,
+                                    "items_involved": None, "examples": []},
     }
 
 
@@ -360,6 +485,28 @@ def load_records(
     Letters that fail to parse come back as `LetterError`s; a bad table (missing file or column,
     unknown label) raises, since that is a usage error rather than one bad document.
     """
+    errors: list[LetterError] = []
+    records = list(iter_records(inputs, errors=errors, text_column=text_column, label_column=label_column,
+                                id_column=id_column, request_column=request_column, summary_column=summary_column,
+                                workers=workers, stream_tables=False))  # fmt: skip
+    return records, errors
+
+
+def iter_records(
+    inputs: str | Path | Iterable[str | Path],
+    *,
+    errors: list,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    id_column: str | None = None,
+    request_column: str | None = None,
+    summary_column: str | None = None,
+    workers: int = 1,
+    stream_tables: bool = True,
+) -> Iterator[dict]:
+    """`load_records` as a stream (tables first, then letters as they are parsed); letter failures are appended to
+    `errors`. With `stream_tables`, tables are read a chunk at a time (`tabular.iter_table_records`), so memory
+    stays bounded however large the inputs (`imr data build`)."""
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     tables, letters = [], []
@@ -367,17 +514,16 @@ def load_records(
         matches = sorted(glob.glob(str(raw), recursive=True)) if glob.has_magic(str(raw)) else [str(raw)]
         for m in matches or [str(raw)]:  # a pattern matching nothing goes on, so it comes back as an error
             (tables if Path(m).suffix.lower() in TABLE_SUFFIXES and not glob.has_magic(m) else letters).append(m)
-    records: list[dict] = []
-    errors: list[LetterError] = []
+    columns = dict(text_column=text_column, label_column=label_column, id_column=id_column,
+                   request_column=request_column, summary_column=summary_column)  # fmt: skip
     for table in tables:
-        records += records_from_table(
-            read_table(table), source=table, text_column=text_column, label_column=label_column,
-            id_column=id_column, request_column=request_column, summary_column=summary_column,
-        )  # fmt: skip
+        if stream_tables:
+            yield from iter_table_records(table, source=table, **columns)
+        else:
+            yield from records_from_table(read_table(table), source=table, **columns)
     paths = iter_letter_files(letters) if letters else []
     for result in parse_many(paths, workers=workers):
         if isinstance(result, LetterError):
             errors.append(result)
         else:
-            records.extend(result.item_records())
-    return records, errors
+            yield from result.item_records()

@@ -7,19 +7,24 @@ says little.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from imr_model import overlap
 from imr_model.baseline import BaselineModel
 from imr_model.dataset import dataset_digest, load_records
 from imr_model.intervals import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Resampler, add_intervals, paired_difference
 from imr_model.metrics import format_table, outcome_metrics, summary_row
 from imr_model.modeling import IMRClassifier
+from imr_model.slices import format_slices, slice_info, slice_metrics  # noqa: F401 (format_slices: `imr evaluate --slices`)
 from imr_model.splits import Split, records_to_split
 from imr_model.tracking import resolve_model_dir
 from imr_model.training import score_predictions
+
+logger = logging.getLogger(__name__)
 
 BASELINE_DIR = "baseline"  # the TF-IDF baseline's folder inside a model directory
 
@@ -153,8 +158,15 @@ def evaluate_records(model: str | Path, records: Sequence[dict], errors: Sequenc
         "bootstrap": rows["model"].get("_bootstrap"),
         "evaluation": strip_private(rows),
         "paired": paired_rows(rows, split.y, split.groups),
+        "slices": slice_metrics(records, split.y, rows["model"]["_probabilities"], clf.outcome_threshold, split.Y,
+                                rows["model"]["_decided"], split.groups),
+        "slices_info": slice_info(),
+        "overlap": overlap.check(records, model_dir),
     }  # fmt: skip
     table = format_table(table_rows({"eval": rows}), f"{len(records)} items, {int(split.y.sum())} Overturned")
+    if (warning := result["overlap"]["warning"]) is not None:
+        logger.warning("%s: %s", model, warning)
+        table = f"WARNING: {warning}\n{table}"
     predictions = {"y": split.y, "p": rows["model"]["_probabilities"], "threshold": clf.outcome_threshold,
                    "groups": split.groups}  # fmt: skip
     return result, table, predictions

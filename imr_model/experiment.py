@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from sklearn.model_selection import GroupKFold
 
-from imr_model import __version__, familiarity, plots, tracking
+from imr_model import __version__, devices, familiarity, overlap, plots, tracking
 from imr_model.baseline import ARRAYS_FILE as BASELINE_ARRAYS
 from imr_model.baseline import JSON_FILE as BASELINE_JSON
 from imr_model.baseline import BaselineModel
@@ -39,7 +39,10 @@ from imr_model.evaluation import (
 )
 from imr_model.metrics import flat_metrics, guideline_metrics, majority_probabilities, outcome_metrics, summary_row
 from imr_model.modeling import record_digest
+from imr_model.modelcard import CARD_FILE, training_record, write_card
 from imr_model.pretrain import backbone_report, run_pretrain
+from imr_model.slices import mlflow_metrics as slice_mlflow_metrics
+from imr_model.slices import slice_info, slice_metrics
 from imr_model.splits import Split, concat_splits, records_to_split
 from imr_model.taxonomy import LABELS
 from imr_model.training import train_classifier
@@ -144,14 +147,19 @@ def fit_models(cfg: TrainConfig, train: Split, val: Split, records: Sequence[dic
 
 
 def cross_validate(cfg: TrainConfig, records: list[dict], k: int, label_names: Sequence[str], *,
-                   quiet: bool = False, log=None) -> dict:  # fmt: skip
-    """Grouped K-fold: every item is scored once by models that never saw its letter; pooled metrics."""
+                   quiet: bool = False, log=None, on_fold=None) -> dict:  # fmt: skip
+    """Grouped K-fold: every item is scored once by models that never saw its letter; pooled metrics.
+
+    Rows keep the out-of-fold arrays in item order: "_probabilities" (N,), "_threshold", "_decided" (N, L) and, for
+    the fitted rows, "_guideline_probabilities" (N, L). `on_fold(fold, test_idx, models, test_split)` runs after each
+    fold is scored, while its models are alive (`imr_model.review` reads the fold's TF-IDF baseline there)."""
     view = cfg.model.text_view
     all_split = records_to_split(records, view, label_names)
     n, L = len(records), len(label_names)
     probs = {m: np.zeros(n) for m in ("majority", "tfidf", "model")}
     thr = {m: np.full(n, 0.5) for m in probs}
     decided = {m: np.zeros((n, L), dtype=int) for m in probs}
+    guideline_probs = {m: np.zeros((n, L)) for m in ("tfidf", "model")}
     for fold, (tr, te) in enumerate(grouped_kfold(records, k, seed=cfg.seed)):
         start = time.perf_counter()
         inner = build_dataset([records[i] for i in tr], seed=cfg.seed + fold,
@@ -165,12 +173,14 @@ def cross_validate(cfg: TrainConfig, records: list[dict], k: int, label_names: S
         for name, model in models.items():
             p, P = model.predict_proba(test.texts)
             probs[name][te], thr[name][te] = p, model.outcome_threshold
-            decided[name][te] = model.decide_guidelines(P)
+            decided[name][te], guideline_probs[name][te] = model.decide_guidelines(P), P
         fold_auc = outcome_metrics(test.y, probs["model"][te], 0.5)["auroc"]
         logger.info("CV fold %d/%d: %d test items, model AUROC %.3f, %.0fs", fold + 1, k, len(te), fold_auc,
                     time.perf_counter() - start)  # fmt: skip
         if log is not None:
             log(fold, {"cv_fold_auroc": fold_auc, "cv_fold_seconds": time.perf_counter() - start})
+        if on_fold is not None:
+            on_fold(fold, te, models, test)
         del models
         gc.collect()
     out = {}
@@ -178,6 +188,8 @@ def cross_validate(cfg: TrainConfig, records: list[dict], k: int, label_names: S
         outcome = outcome_metrics_per_item(all_split.y, probs[name], thr[name])
         out[name] = {"outcome": outcome, "guidelines": guideline_metrics(all_split.Y, decided[name], label_names),
                      "_probabilities": probs[name], "_threshold": thr[name], "_decided": decided[name]}  # fmt: skip
+        if name in guideline_probs:
+            out[name]["_guideline_probabilities"] = guideline_probs[name]
     add_row_intervals(out, all_split.y, all_split.Y, all_split.groups)  # each row's "_bootstrap": resamples, dropped
     out["_y"] = all_split.y
     return out
@@ -198,6 +210,7 @@ def _save(cfg: TrainConfig, clf, baseline: BaselineModel, digest: str, metrics: 
     baseline.save(model_dir / BASELINE_DIR)
     for name in (BASELINE_JSON, BASELINE_ARRAYS):  # checked on load like the model's own files
         record_digest(model_dir, f"{BASELINE_DIR}/{name}")
+    write_card(model_dir)  # README.md, the model card (from config.json and metrics.json); digest recorded
     return model_dir
 
 
@@ -281,6 +294,7 @@ def run_training(cfg: TrainConfig, data: Sequence[str] | None = None, *, records
     """Train baseline + classifier on `data` (paths) or `records` (item records), evaluate, optionally
     cross-validate, save, and log to MLflow."""
     label_names, view = list(LABELS), cfg.model.text_view
+    devices.resolve_device(cfg.train.device)  # a device this machine does not have fails before the data is read
     prep = _prepare(cfg, data, records, label_names)
     splits = prep.splits
     run_ctx = (tracking.start_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.name, {"text_view": view})
@@ -291,6 +305,7 @@ def run_training(cfg: TrainConfig, data: Sequence[str] | None = None, *, records
             tracking.log_datasets(prep.source, prep.digest, {k: len(v) for k, v in splits.items()}, view,
                                   getattr(prep.dd, "report", None))  # fmt: skip
         metrics: dict = {"train_overturn_rate": float(splits["train"].y.mean()), "data_digest": prep.digest}
+        metrics["training"] = training_record(cfg, prep.dd, demo_prefix=DEMO_CASE_PREFIX)  # for the card: counts only
         if (pretraining := _backbone_pretraining(cfg, run is not None)) is not None:
             metrics["backbone_pretraining"] = pretraining
         if cv:
@@ -299,6 +314,9 @@ def run_training(cfg: TrainConfig, data: Sequence[str] | None = None, *, records
                                      list(prep.dd["train"]) + list(prep.dd["validation"]), quiet=quiet,
                                      on_epoch=tracking.epoch_logger() if run is not None else None)  # fmt: skip
         clf = models["model"]
+        if run is not None and (device := clf.metrics.get("device")):  # where it ran (the config keeps the spec)
+            tracking.log_params({"device": device["device"], "device_precision": device["precision"],
+                                 "device_name": device["name"]})  # fmt: skip
         if (adaptation := clf.metrics.get("domain_adaptation")) is not None and run is not None:
             tracking.log_metrics({f"domain_adaptation_{k}": v for k, v in adaptation.items() if k != "backbone"})
         held_out = ("test",) if cfg.train.recipe == "probe" else ("validation", "test")  # probe fits on validation
@@ -309,18 +327,31 @@ def run_training(cfg: TrainConfig, data: Sequence[str] | None = None, *, records
             metrics["bootstrap"] = {name: rows["model"].get("_bootstrap") for name, rows in by_split.items()}
             metrics["paired"] = {name: paired_rows(rows, splits[name].y, splits[name].groups)
                                  for name, rows in by_split.items()}  # fmt: skip
+        if "test" in by_split:  # the test split's metrics per slice (`imr_model.slices`; the model card reads them)
+            metrics["slices"] = _test_slices(by_split["test"], splits["test"], list(prep.dd["test"]))
+            metrics["slices_info"] = {"split": "test", **slice_info()}
         metrics["history"] = history
         model_dir = _save(cfg, clf, models["tfidf"], prep.digest, metrics, prep.source)
+        overlap.save_training_letters(model_dir, {name: list(prep.dd[name]) for name in ("train", "validation", "test")})
+        record_digest(model_dir, overlap.TRAINING_LETTERS_FILE)  # per-letter digests, no text: `imr evaluate` counts overlap
         result = TrainResult(model_dir=model_dir, metrics=clf.metrics, table=format_metrics(metrics), history=history)
         if run is not None:
             _log_evaluation(by_split, {k: splits[k].y for k in by_split})
+            tracking.log_metrics(slice_mlflow_metrics(metrics.get("slices") or {}, "test_slice"))
             tracking.log_dict(clf.metrics, "metrics/metrics.json")
             tracking.log_text(result.table, "metrics/table.txt")
+            tracking.log_text((model_dir / CARD_FILE).read_text(encoding="utf-8"), f"model_card/{CARD_FILE}")
             tracking.set_tags({"model_dir": str(model_dir.resolve()), "eval.digest": _eval_digest(prep.dd)})
             result.run_id = run.info.run_id
             if cfg.mlflow.log_model:
                 result.model_uri, result.version = tracking.log_model(model_dir, cfg.mlflow.registered_model)
     return result
+
+
+def _test_slices(rows: dict, split: Split, records: list[dict]) -> dict:
+    model = rows["model"]
+    return slice_metrics(records, split.y, model["_probabilities"], model["_threshold"], split.Y, model["_decided"],
+                         split.groups)  # fmt: skip
 
 
 def _cross_validate_and_log(cfg: TrainConfig, records: list[dict], k: int, label_names: Sequence[str],
@@ -368,6 +399,7 @@ def pretrain_from_config(config: str | Path, data: Sequence[str], output: str | 
                          quiet: bool = False) -> dict:  # fmt: skip
     """What `imr pretrain` and `train/pretrain.py` run: adapt the config's backbone on the letters in `data`."""
     cfg = load_config(config, list(overrides))
+    devices.resolve_device(cfg.train.device)  # fails before the letters are parsed
     records, _ = load_training_records(data)
     return run_pretrain(cfg, records, output, quiet=quiet)
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from imr_model import devices
 from imr_model.config import TrainSection
 from imr_model.metrics import guideline_metrics, outcome_metrics
 from imr_model.modeling import GUIDELINE_POOLING, IMRClassifier, Windows
@@ -85,7 +86,7 @@ def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_ratio: float)
 
 
 def _loss(o: torch.Tensor, g: torch.Tensor, y: torch.Tensor, Y: torch.Tensor, pos_weight: float, lam: float) -> torch.Tensor:
-    outcome = nn.functional.binary_cross_entropy_with_logits(o, y, pos_weight=torch.tensor(pos_weight))
+    outcome = nn.functional.binary_cross_entropy_with_logits(o, y, pos_weight=torch.tensor(pos_weight, device=o.device))
     if lam == 0 or g.shape[-1] == 0:
         return outcome
     return outcome + lam * nn.functional.binary_cross_entropy_with_logits(g, Y)
@@ -133,8 +134,10 @@ def _forward_by_length(net: nn.Module, win: Windows, chunk_tokens: int = 4096) -
     """Forward windows in length-sorted chunks, each padded only to its own longest window.
 
     Sentence windows vary from 5 to 100+ tokens; one padded batch would be mostly padding. The
-    chunks stay in one autograd graph, so the pooled loss still sees every window of an item.
+    chunks stay in one autograd graph, so the pooled loss still sees every window of an item. The windows
+    stay on the CPU; each chunk moves to the network's device.
     """
+    device = next(net.parameters()).device
     lengths = win.attention_mask.sum(dim=1)
     order = torch.argsort(lengths, descending=True, stable=True)
     outs_o, outs_g, start = [], [], 0
@@ -142,19 +145,25 @@ def _forward_by_length(net: nn.Module, win: Windows, chunk_tokens: int = 4096) -
         width = max(1, int(lengths[order[start]]))
         size = max(1, chunk_tokens // width)
         idx = order[start : start + size]
-        o, g = net(win.input_ids[idx, :width], win.attention_mask[idx, :width])
+        o, g = net(win.input_ids[idx, :width].to(device), win.attention_mask[idx, :width].to(device))
         outs_o.append(o)
         outs_g.append(g)
         start += size
-    inverse = torch.argsort(order)
+    inverse = torch.argsort(order).to(device)
     return torch.cat(outs_o)[inverse], torch.cat(outs_g)[inverse]
 
 
 class _Trainer:
-    """State of one fine-tuning run; `epoch()` does one pass over the training items."""
+    """State of one fine-tuning run; `epoch()` does one pass over the training items.
+
+    On CUDA the forward passes autocast (`devices.autocast`: bf16, or fp16 with a GradScaler); losses and pooling
+    are computed in fp32. On the CPU nothing differs from a run without devices (same operations, same order).
+    """
 
     def __init__(self, t: TrainSection, seed: int, clf: IMRClassifier, windows: Windows, train: Split, pos_weight: float):
         self.t, self.clf, self.net, self.pos_weight = t, clf, clf.net, pos_weight
+        self.device = clf.device
+        self.scaler = devices.grad_scaler(self.device)  # fp16 on CUDA only; None elsewhere
         self.windows = windows
         self.n_windows = torch.bincount(self.windows.item_ids, minlength=len(train)).tolist()
         tokens = torch.zeros(len(train), dtype=torch.long).index_add_(
@@ -173,14 +182,23 @@ class _Trainer:
         total = 0.0
         for group in _micro_batches(items, self.n_windows, t.max_windows_per_step):
             win = self.windows.select(group)
-            o, g = _forward_by_length(self.net, win)
+            with devices.autocast(self.device):
+                o, g = _forward_by_length(self.net, win)
+            o, g, ids = o.float(), g.float(), win.item_ids.to(self.device)  # fp32 pooling and loss (no-op on CPU)
             n = len(group)
-            loss = _loss(pool(o, win.item_ids, n, pooling), pool(g, win.item_ids, n, GUIDELINE_POOLING),
-                         self.y[group], self.Y[group], self.pos_weight, t.guideline_loss_weight)  # fmt: skip
-            (loss * (n / len(items))).backward()  # gradient of the batch mean, however it is split
+            loss = _loss(pool(o, ids, n, pooling), pool(g, ids, n, GUIDELINE_POOLING), self.y[group].to(self.device),
+                         self.Y[group].to(self.device), self.pos_weight, t.guideline_loss_weight)  # fmt: skip
+            scaled = loss * (n / len(items))  # gradient of the batch mean, however it is split
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss.item() * n
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         nn.utils.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad], MAX_GRAD_NORM)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         return total
 

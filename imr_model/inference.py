@@ -19,14 +19,14 @@ import logging
 import os
 import re
 import threading
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import torch
 
-from imr_model import familiarity
+from imr_model import devices, familiarity
 from imr_model.attribution import DEFAULT_STEPS, OUTCOME, Attribution, attribute_many, check_target
 from imr_model.letters import LETTER_SUFFIXES, parse_many, parse_text
 from imr_model.modeling import GUIDELINE_POOLING, IMRClassifier
@@ -34,6 +34,7 @@ from imr_model.onnx_backend import onnx_forward
 from imr_model.tracking import configure, resolve_model_dir
 from imr_model.types import DECISIONS, Letter, LetterError
 from imr_model.views import text_view
+from imr_model.window_cache import WindowCache, model_identity, shared_cache
 
 MODEL_ENV = "IMR_MODEL_URI"
 REGISTERED_MODEL = "imr-classifier"
@@ -101,6 +102,15 @@ class Predictor:
     no IMR item comes from; parsed letters have the letter's structure), ``"all"``, or ``"off"``. On the
     shared letters' 79 held-out items, ONNX took 0.8 s without the extra pass and 6.3 s with it.
     `metadata()["familiarity"]` says which checks run.
+
+    `device`: where the torch network runs (`imr_model.devices`: a spec such as ``"cuda:1"`` moves the classifier
+    there; empty: where it already is). After construction it holds the resolved device, e.g. ``"cpu"``. The ONNX
+    backend runs on the CPU (ONNX Runtime), so its classifier stays there.
+
+    `window_cache` (`imr_model.window_cache`; `load_model` gives the process-wide one) keeps the results of
+    windows already run, for this model, backend and device (`cache_key`), so a sentence that earlier letters or
+    requests held is not run again; with attributions, their window scores too. It needs `model_digest`
+    (`window_cache.model_identity` of the model directory), which `load_model` sets; without one nothing is cached.
     """
 
     classifier: Any  # modeling.IMRClassifier
@@ -111,7 +121,18 @@ class Predictor:
     info: dict = field(default_factory=dict)  # registry version etc.
     profile: familiarity.ReferenceProfile | None = None
     onnx_distance: str = "bare"  # "bare" | "all" | "off": which items the ONNX backend runs the torch encoder for
+    device: str = ""  # a devices.resolve_device spec to move the classifier to; "" = leave it where it is
+    window_cache: WindowCache | None = None  # results of windows already run; None: no cache
+    model_digest: str = ""  # window_cache.model_identity(path): what `cache_key` is built from
+    attribution_coverage: float = 1.0  # attribution.attribute_many's coverage: 1 attributes every pooled window
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.device:
+            target = backend_device(self.backend, self.device)
+            if torch_device(self.classifier) != target:
+                self.classifier.to(target)
+        self.device = str(torch_device(self.classifier))
 
     @property
     def text_view(self) -> str:
@@ -129,20 +150,28 @@ class Predictor:
         target: str = OUTCOME,
         n_steps: int = DEFAULT_STEPS,
         batch_size: int = 32,
+        observe: Callable[[list[dict], list[str], np.ndarray, np.ndarray | None], None] | None = None,
     ) -> list[ItemPrediction]:
-        """Predict item records (the schema of `Letter.item_records()`; request/rationale/case_summary)."""
+        """Predict item records (the schema of `Letter.item_records()`; request/rationale/case_summary).
+
+        `observe(records, texts, p_overturned, embeddings)` is called once the predictions are made, with the
+        records, their model inputs, the probabilities and the item embeddings (None, or NaN rows, where not
+        computed): batch drift (`drift.DriftAccumulator.observe`) reads them."""
         records = list(records)
         if attributions:
             check_target(target, self.classifier.label_names)
         texts = self.item_texts(records)
         with self._lock:
-            p, g, vectors = self._probabilities(records, texts, batch_size)
+            windows = self.classifier.make_windows(texts)
+            p, g, vectors = self._probabilities(records, texts, batch_size, windows)
             outcomes, label_sets = self.classifier.decide(p, g)
-            attrs = (attribute_many(self.classifier, texts, target=target, n_steps=n_steps, text_view=self.text_view)
+            attrs = (attribute_many(self.classifier, texts, target=target, n_steps=n_steps, text_view=self.text_view,
+                                    windows=windows, coverage=self.attribution_coverage,
+                                    **self._cache_args("attribution"))
                      if attributions else [None] * len(texts))  # fmt: skip
         warnings = familiarity.check(records, texts, self.profile, vectors)
         names = self.classifier.label_names
-        return [
+        predictions = [
             ItemPrediction(
                 letter_id=str(r.get("letter_id") or BARE_TEXT_ID),
                 item_index=int(r.get("item_index") or 1),
@@ -158,21 +187,23 @@ class Predictor:
             )
             for i, r in enumerate(records)
         ]
+        if observe is not None:
+            observe(records, texts, p, vectors)
+        return predictions
 
-    def _probabilities(self, records: Sequence[dict], texts: list[str],
-                       batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
-        """`classifier.predict_proba`, plus the item embeddings the distance check reads (None when not needed;
-        NaN rows for items whose embedding was not computed)."""
+    def _probabilities(self, records: Sequence[dict], texts: list[str], batch_size: int,
+                       windows) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
+        """`classifier.predict_proba` on `texts`' `windows`, plus the item embeddings the distance check reads
+        (None when not needed; NaN rows for items whose embedding was not computed)."""
         if self.onnx_distance not in ONNX_DISTANCE:
             raise ValueError(f"onnx_distance is {self.onnx_distance!r}; valid: {', '.join(ONNX_DISTANCE)}")
         clf = self.classifier
-        windows = clf.make_windows(texts)
-        capture = self.profile is not None and self.forward is None
-        with familiarity.capture_window_vectors(clf) if capture else nullcontext() as cap:
-            o, g = clf.window_item_logits(windows, texts, batch_size=batch_size, forward=self.forward)
+        own = self.profile is not None and self.forward is None  # the torch pass gives the embeddings too
+        o, g, *window_means = clf.window_item_logits(windows, texts, batch_size=batch_size, forward=self.forward,
+                                                     vectors=own, **self._cache_args("windows"))  # fmt: skip
         p, g = clf.probabilities(o, g)
-        if cap is not None:
-            return p, g, familiarity.item_vectors(windows, cap.window_vectors(windows), len(texts))
+        if own:
+            return p, g, familiarity.item_vectors(windows, window_means[0], len(texts))
         if self.profile is None or self.onnx_distance == "off":
             return p, g, None
         items = [i for i, r in enumerate(records) if self.onnx_distance == "all" or not familiarity.is_letter_record(r)]
@@ -182,6 +213,15 @@ class Predictor:
             vectors[items] = familiarity.item_vectors(sub, familiarity.window_vectors(clf, sub, batch_size), len(items))
         return p, g, vectors
 
+    def _cache_args(self, kind: str) -> dict:
+        """The `cache` / `cache_key` arguments for `kind` of results ("windows", "attribution"); {} without a cache."""
+        if self.window_cache is None or not self.model_digest:
+            return {}
+        onnx = getattr(self.forward, "path", None) if kind == "windows" else None  # attributions: always torch
+        mode = devices.precision(self.device) if onnx is None else "onnx"
+        key = "|".join((kind, self.model_digest, Path(onnx).name if onnx is not None else "torch", self.device, mode))
+        return {"cache": self.window_cache, "cache_key": key}
+
     def metadata(self) -> dict:
         """What is loaded: URI, backend, labels, windows, calibration, stored metrics (no weights)."""
         cfg = self.classifier.config
@@ -189,6 +229,8 @@ class Predictor:
             "uri": self.uri,
             "path": str(self.path),
             "backend": self.backend,
+            "device": self.device,
+            "precision": devices.precision(self.device) if self.backend == "torch" else "fp32",
             **self.info,
             "version": cfg.version,
             "backbone": cfg.backbone,
@@ -224,12 +266,29 @@ class Predictor:
     def identity(self) -> str:
         """A short string that changes when the model or backend changes (used to guard resumed outputs)."""
         cfg = self.classifier.config
-        return f"{self.info.get('resolved_uri', self.uri)}|{cfg.version}|{cfg.data_digest}|{self.backend}"
+        identity = f"{self.info.get('resolved_uri', self.uri)}|{cfg.version}|{cfg.data_digest}|{self.backend}"
+        mode = devices.precision(self.device) if self.backend == "torch" else "fp32"
+        return identity if mode == "fp32" else f"{identity}|{mode}"  # half-precision outputs differ slightly
+
+
+def torch_device(classifier) -> torch.device:
+    """The device a classifier's network is on (the CPU for objects without one)."""
+    return torch.device(getattr(classifier, "device", "cpu"))
+
+
+def backend_device(backend: str, spec: str | None):
+    """The torch device for `spec` (None = auto) with `backend`: ONNX Runtime sessions run on the CPU."""
+    if backend != "onnx":
+        return devices.resolve_device(spec)
+    if spec is not None and devices.check_device_spec(spec) not in ("auto", "cpu"):
+        raise devices.DeviceError(f"the onnx backend runs on the CPU (ONNX Runtime), not on {spec!r}; use "
+                                  "--backend torch for a GPU, or --device cpu")  # fmt: skip
+    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- model resolution / cache
 
-_CACHE: dict[tuple[str, str], Predictor] = {}
+_CACHE: dict[tuple[str, str, str], Predictor] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -255,17 +314,23 @@ def resolve_model_uri(model: str | os.PathLike | None = None) -> str:
     raise ModelNotFoundError("no model found; tried: " + "; ".join(tried) + ". Pass model=PATH_OR_URI or train one.")
 
 
-def load_model(model: str | os.PathLike | Predictor | None = None, *, backend: str = "torch") -> Predictor:
-    """Resolve, load and cache a model (once per process and backend); thread-safe."""
+def load_model(model: str | os.PathLike | Predictor | None = None, *, backend: str = "torch",
+               device: str | None = None) -> Predictor:  # fmt: skip
+    """Resolve, load and cache a model (once per process, backend and device); thread-safe.
+
+    `device`: a `devices.resolve_device` spec (None = ``auto``: CUDA, else MPS, else the CPU; the ONNX backend
+    always runs on the CPU). A `Predictor` passed as `model` is returned as it is, on its own device.
+    """
     if isinstance(model, Predictor):
         return model
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    target = backend_device(backend, device)  # an unavailable device fails before the model is resolved
     uri = resolve_model_uri(model)
-    key = (uri, backend)
+    key = (uri, backend, str(target))
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = _load(uri, backend)
+            _CACHE[key] = _load(uri, backend, target)
         return _CACHE[key]
 
 
@@ -275,7 +340,7 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-def _load(uri: str, backend: str) -> Predictor:
+def _load(uri: str, backend: str, device=None) -> Predictor:
     info: dict = {}
     if not Path(uri).exists() and not _URI_SCHEME.match(uri):
         raise ModelNotFoundError(f"model {uri!r} is neither an existing directory nor an MLflow URI (models:/, runs:/, ...)")
@@ -286,7 +351,7 @@ def _load(uri: str, backend: str) -> Predictor:
         path = resolve_model_dir(uri)
     except FileNotFoundError as exc:
         raise ModelNotFoundError(str(exc)) from None
-    classifier = IMRClassifier.from_pretrained(path)
+    classifier = IMRClassifier.from_pretrained(path, device=device if device is not None else "cpu")
     profile = familiarity.load_profile(path)
     if profile is None:
         logger.warning("model %s has no %s: predictions skip the distance and length input checks",
@@ -297,7 +362,8 @@ def _load(uri: str, backend: str) -> Predictor:
     forward = None
     if backend == "onnx":
         forward = onnx_forward(classifier, path)
-    return Predictor(classifier=classifier, uri=uri, path=path, backend=backend, forward=forward, info=info, profile=profile)
+    return Predictor(classifier=classifier, uri=uri, path=path, backend=backend, forward=forward, info=info, profile=profile,
+                     window_cache=shared_cache(), model_digest=model_identity(path))  # fmt: skip
 
 
 def _newest_model_dir(base: Path) -> Path | None:
@@ -429,12 +495,14 @@ def predict(
     target: str = OUTCOME,
     n_steps: int = DEFAULT_STEPS,
     backend: str = "torch",
+    device: str | None = None,
 ) -> list[ItemPrediction]:
     """Predict every item of one letter (path or text), or one bare item text.
 
-    Raises `LetterError` (naming the file) for unreadable files, `ModelNotFoundError` when no model resolves.
+    `device`: where the model runs (`load_model`; None = auto). Raises `LetterError` (naming the file) for
+    unreadable files, `ModelNotFoundError` when no model resolves, `devices.DeviceError` for a device not here.
     """
-    predictor = load_model(model, backend=backend)
+    predictor = load_model(model, backend=backend, device=device)
     return predictor.predict_records(as_records(x), attributions=attributions, target=target, n_steps=n_steps)
 
 
@@ -447,9 +515,10 @@ def predict_batch(
     n_steps: int = DEFAULT_STEPS,
     batch_size: int = 32,
     backend: str = "torch",
+    device: str | None = None,
 ) -> list[list[ItemPrediction]]:
     """`predict` for many inputs with shared batches; one list of item predictions per input, in order."""
-    predictor = load_model(model, backend=backend)
+    predictor = load_model(model, backend=backend, device=device)
     groups = _records_many(list(inputs))
     flat = [r for g in groups for r in g]
     preds = predictor.predict_records(flat, attributions=attributions, target=target, n_steps=n_steps, batch_size=batch_size)

@@ -45,7 +45,7 @@ from scipy.special import expit
 from transformers import PreTrainedTokenizerBase
 from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
-from imr_model import heads
+from imr_model import devices, heads
 from imr_model.baseline import TfidfFeatures
 from imr_model.calibration import (
     PROB_MAX,
@@ -77,6 +77,7 @@ from imr_model.network import (  # noqa: F401 - ForwardFn and ModelDirectoryErro
 from imr_model.pooling import bias_multiplicity, pool
 from imr_model.taxonomy import decision_basis_columns, load_taxonomy
 from imr_model.types import OVERTURNED, UPHELD
+from imr_model.window_cache import WindowCache
 from imr_model.windows import Windows, make_windows
 
 GUIDELINE_POOLING = "mean"  # citations are spread over a rationale: every window counts
@@ -117,7 +118,7 @@ class IMRClassifier:
         outcome_threshold: float = 0.5,
         guideline_thresholds: np.ndarray | None = None,
         metrics: dict | None = None,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
         tfidf_vocabulary: Sequence[str] | None = None,
         tfidf_ngram_max: int = 2,
         guideline_basis: Sequence[str] = (),
@@ -156,9 +157,20 @@ class IMRClassifier:
     def label_names(self) -> list[str]:
         return list(self.config.label_names)
 
+    @property
+    def precision(self) -> str:
+        """What the forward passes run in on this device: fp32, or bf16 / fp16 autocast on CUDA (`imr_model.devices`)."""
+        return devices.precision(self.device)
+
+    def to(self, device: str | torch.device) -> "IMRClassifier":
+        """Move the network to `device` (a `torch.device` or a spec for `devices.resolve_device`); returns self."""
+        self.device = device if isinstance(device, torch.device) else devices.resolve_device(device)
+        self.net.to(self.device)
+        return self
+
     # ----------------------------------------------------------------------------- construction / IO
     @classmethod
-    def build(cls, config: ModelConfig, label_names: Sequence[str], device: str = "cpu",
+    def build(cls, config: ModelConfig, label_names: Sequence[str], device: str | torch.device = "cpu",
               tfidf: TfidfFeatures | None = None) -> "IMRClassifier":  # fmt: skip
         """A new, untrained classifier on the configured backbone.
 
@@ -185,8 +197,10 @@ class IMRClassifier:
         return cls(config, net, tokenizer, device=device, tfidf_vocabulary=tfidf.vocabulary, tfidf_ngram_max=tfidf.ngram_max)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "IMRClassifier":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "IMRClassifier":
         """Load a directory written by `save_pretrained` (no network, no pickle, no code from the directory).
+
+        The weights are read onto the CPU (wherever they were saved from) and the network then moved to `device`.
 
         Raises `MissingModelFileError` (a FileNotFoundError) for a missing file and `ModelDirectoryError`
         (a ValueError) for a directory of another format, a file whose SHA-256 differs from the one
@@ -238,7 +252,7 @@ class IMRClassifier:
             raise ModelDirectoryError(f"{path / CONFIG_FILE}: {exc}; {_RESTORE}") from None
         net = IMRNet(encoder, len(config.label_names), n_cues=len(config.cue_names), n_tfidf=len(vocabulary or []),
                      n_outcome_cues=len(config.outcome_cue_names))  # fmt: skip
-        state = load_file(str(path / WEIGHTS_FILE))
+        state = load_file(str(path / WEIGHTS_FILE), device="cpu")
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise ModelDirectoryError(f"{path / WEIGHTS_FILE}: non-finite (NaN/inf) weights in {', '.join(bad[:5])}; "
@@ -301,37 +315,60 @@ class IMRClassifier:
                             max_windows=cfg.max_windows, unit=cfg.window_unit)
 
     def forward_windows(
-        self, windows: Windows, batch_size: int = 32, forward: ForwardFn | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw logits per window, (W,) and (W, L).
+        self, windows: Windows, batch_size: int = 32, forward: ForwardFn | None = None, *,
+        cache: WindowCache | None = None, cache_key: str = "", vectors: bool = False,
+    ) -> tuple[np.ndarray, ...]:  # fmt: skip
+        """Raw logits per window, (W,) and (W, L); with `vectors` also the mean-pooled encoder states (W, H)
+        (the guideline head's input, which the familiarity check reads; torch only).
 
         Identical windows (the boilerplate sentences letters repeat: 23% of the sentence windows of the
-        shared letters' rationales) are run once. Batches are length-sorted and trimmed (dynamic padding).
+        shared letters' rationales) are run once. `cache` (`window_cache.WindowCache`; `cache_key` names the
+        model and backend) carries window results over from earlier calls: only the windows it does not hold
+        are run, and they are added to it. Batches are length-sorted and trimmed (dynamic padding).
         `forward`: another backend's forward (the ONNX session's), same inputs and outputs as `IMRNet`.
         """
-        n, n_labels = len(windows), len(self.label_names)
+        if vectors and forward is not None:
+            raise ValueError("vectors=True needs the torch network (forward=None): other backends return logits only")
+        if cache is not None and not cache_key:
+            raise ValueError("a window cache needs a cache_key naming the model and backend")
+        n_labels = len(self.label_names)
+        row_width = 1 + n_labels + (int(self.net.encoder.config.hidden_size) if vectors else 0)
         lengths = windows.attention_mask.sum(dim=1)
-        unique, inverse = _unique_windows(windows.input_ids, lengths)
-        out_o = np.zeros(len(unique), dtype=np.float32)
-        out_g = np.zeros((len(unique), n_labels), dtype=np.float32)
-        order = unique[torch.argsort(lengths[unique], descending=True, stable=True)]
-        slot = torch.empty(n, dtype=torch.long)
-        slot[unique] = torch.arange(len(unique))
+        unique, inverse, keys = _unique_windows(windows.input_ids, lengths)
+        out = np.zeros((len(unique), row_width), dtype=np.float32)  # per distinct window: [o, g (L), v (H)]
+        todo = np.arange(len(unique))
+        if cache is not None:
+            found = cache.lookup(cache_key, keys)
+            hit = np.array([v is not None and len(v) >= row_width for v in found], dtype=bool)
+            for j in np.flatnonzero(hit):
+                out[j] = found[j][:row_width]
+            todo = np.flatnonzero(~hit)
+        first = unique.numpy()
+        order = todo[np.argsort(-lengths.numpy()[first[todo]], kind="stable")]  # longest first
         self.net.eval()
         for start in range(0, len(order), max(1, batch_size)):
-            idx = order[start : start + batch_size]
+            rows = order[start : start + batch_size]
+            idx = torch.from_numpy(first[rows])
             width = max(1, int(lengths[idx].max()))
             ids, mask = windows.input_ids[idx, :width], windows.attention_mask[idx, :width]
-            if forward is None:
-                with torch.inference_mode():
-                    o, g = self.net(ids.to(self.device), mask.to(self.device))
-                o, g = o.float().cpu().numpy(), g.float().cpu().numpy()
-            else:
+            if forward is not None:
                 o, g = forward(ids.numpy(), mask.numpy())
-            rows = slot[idx].numpy()
-            out_o[rows] = np.asarray(o, dtype=np.float32).reshape(len(idx))
-            out_g[rows] = np.asarray(g, dtype=np.float32).reshape(len(idx), n_labels)
-        return out_o[inverse], out_g[inverse]
+            else:
+                with torch.inference_mode(), devices.autocast(self.device):
+                    if vectors:  # IMRNet.forward step by step (dropout is the identity in eval mode)
+                        attended, mean = self.net.encode(ids.to(self.device), mask.to(self.device))
+                        o, g = self.net.outcome_head(attended).squeeze(-1), self.net.guideline_head(mean)
+                        out[rows, 1 + n_labels :] = mean.float().cpu().numpy()
+                    else:
+                        o, g = self.net(ids.to(self.device), mask.to(self.device))
+                o, g = o.float().cpu().numpy(), g.float().cpu().numpy()
+            out[rows, 0] = np.asarray(o, dtype=np.float32).reshape(len(idx))
+            out[rows, 1 : 1 + n_labels] = np.asarray(g, dtype=np.float32).reshape(len(idx), n_labels)
+        if cache is not None and len(todo):
+            cache.store(cache_key, [keys[j] for j in todo], [out[j].copy() for j in todo])
+        out = out[inverse]
+        result = (np.ascontiguousarray(out[:, 0]), np.ascontiguousarray(out[:, 1 : 1 + n_labels]))
+        return result + (np.ascontiguousarray(out[:, 1 + n_labels :]),) if vectors else result
 
     def pool(
         self, outcome_logits: np.ndarray, guideline_logits: np.ndarray, item_ids: np.ndarray, n_items: int
@@ -350,13 +387,16 @@ class IMRClassifier:
         return self.window_item_logits(self.make_windows(texts), texts, batch_size=batch_size, forward=forward)
 
     def window_item_logits(
-        self, windows: Windows, texts: Sequence[str], batch_size: int = 32, forward: ForwardFn | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Uncalibrated item logits of `texts` from their already-made `windows` (pooled + item-level terms)."""
-        o, g = self.forward_windows(windows, batch_size=batch_size, forward=forward)
+        self, windows: Windows, texts: Sequence[str], batch_size: int = 32, forward: ForwardFn | None = None, *,
+        cache: WindowCache | None = None, cache_key: str = "", vectors: bool = False,
+    ) -> tuple[np.ndarray, ...]:  # fmt: skip
+        """Uncalibrated item logits of `texts` from their already-made `windows` (pooled + item-level terms);
+        with `vectors` also the windows' mean-pooled states (W, H). `cache`, `cache_key`: see `forward_windows`."""
+        o, g, *rest = self.forward_windows(windows, batch_size=batch_size, forward=forward, cache=cache,
+                                           cache_key=cache_key, vectors=vectors)  # fmt: skip
         o, g = self.pool(o, g, windows.item_ids.numpy(), len(texts))
         o_term, g_term = self.item_term_logits(texts)
-        return o + o_term, g + g_term
+        return (o + o_term, g + g_term, *rest)
 
     def item_term_logits(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """The item-level terms of the logits: outcome (N,) from evidence cues, guidelines (N, L) from citation
@@ -411,12 +451,13 @@ class IMRClassifier:
         lengths = windows.attention_mask.sum(dim=1)
         order = torch.argsort(lengths, descending=True, stable=True)
         self.net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), devices.autocast(self.device):
             for b in range(0, n, batch_size):
                 idx = order[b : b + batch_size]
                 t = max(1, int(lengths[idx].max()))
-                attended[idx], mean[idx] = self.net.encode(windows.input_ids[idx, :t].to(self.device),
-                                                           windows.attention_mask[idx, :t].to(self.device))  # fmt: skip
+                a, m = self.net.encode(windows.input_ids[idx, :t].to(self.device),
+                                       windows.attention_mask[idx, :t].to(self.device))  # fmt: skip
+                attended[idx], mean[idx] = a.float().cpu(), m.float().cpu()
         return attended, mean
 
     def fit_heads(self, texts: Sequence[str], windows: Windows, y: np.ndarray, Y: np.ndarray, groups: np.ndarray, *,
@@ -539,8 +580,9 @@ class IMRClassifier:
         return outcomes, labels
 
 
-def _unique_windows(input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """(indices of the first occurrence of each distinct window, position of every window among them)."""
+def _unique_windows(input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, list[bytes]]:
+    """(indices of the first occurrence of each distinct window, position of every window among them, the
+    distinct windows' keys: their token ids as bytes)."""
     first: dict[bytes, int] = {}
     inverse = np.empty(len(lengths), dtype=np.int64)
     keep: list[int] = []
@@ -550,7 +592,7 @@ def _unique_windows(input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[tor
         if j == len(keep):
             keep.append(i)
         inverse[i] = j
-    return torch.tensor(keep, dtype=torch.long), inverse
+    return torch.tensor(keep, dtype=torch.long), inverse, list(first)
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from imr_model import devices
 from imr_model.config import TrainConfig, hub_offline, resolve_backbone
 from imr_model.network import quiet_transformers
 from imr_model.progress import progress_bar
@@ -88,11 +89,14 @@ def mask_tokens(ids: torch.Tensor, tokenizer, probability: float, generator: tor
 def perplexity(model, batches: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> float:
     """exp(mean cross-entropy over masked tokens) on fixed (inputs, labels) batches."""
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.inference_mode():
         for inputs, labels in batches:
-            logits = model(input_ids=inputs, attention_mask=(inputs != pad_id).long()).logits
-            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1),
+            inputs, labels = inputs.to(device), labels.to(device)
+            with devices.autocast(device):
+                logits = model(input_ids=inputs, attention_mask=(inputs != pad_id).long()).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
                                                      ignore_index=-100, reduction="sum")  # fmt: skip
             total += float(loss)
             count += int((labels != -100).sum())
@@ -101,8 +105,11 @@ def perplexity(model, batches: list[tuple[torch.Tensor, torch.Tensor]], pad_id: 
 
 def _train(model, data: torch.Tensor, tokenizer, cfg: TrainConfig, steps: int | None, params, label: str,
            quiet: bool) -> int:  # fmt: skip
-    """MLM steps over shuffled blocks; `steps` caps the count (None: `pretrain.epochs` epochs)."""
+    """MLM steps over shuffled blocks; `steps` caps the count (None: `pretrain.epochs` epochs). Blocks are masked on
+    the CPU (one seeded generator, so the masks do not depend on the device) and moved to the model's device."""
     p = cfg.pretrain
+    device = next(model.parameters()).device
+    scaler = devices.grad_scaler(device)  # fp16 on CUDA only
     optimizer = torch.optim.AdamW(params, lr=p.learning_rate if steps is None else 1e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(cfg.seed + (0 if steps is None else 1))
     per_epoch = math.ceil(len(data) / p.batch_size)
@@ -116,11 +123,21 @@ def _train(model, data: torch.Tensor, tokenizer, cfg: TrainConfig, steps: int | 
                 if done >= total:
                     break
                 inputs, labels = mask_tokens(data[order[b : b + p.batch_size]], tokenizer, MLM_PROBABILITY, gen)
-                loss = model(input_ids=inputs, attention_mask=(inputs != tokenizer.pad_token_id).long(), labels=labels).loss
+                inputs, labels = inputs.to(device), labels.to(device)
+                with devices.autocast(device):
+                    loss = model(input_ids=inputs, attention_mask=(inputs != tokenizer.pad_token_id).long(),
+                                 labels=labels).loss  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
+                if scaler is None:
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    scaler.step(optimizer)
+                    scaler.update()
                 done += 1
                 bar.advance()
     return done
@@ -155,10 +172,11 @@ def run_pretrain(cfg: TrainConfig, records: Sequence[dict], output: str | Path, 
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    device = devices.resolve_device(cfg.train.device)  # a missing device fails before any work
     seed_everything(cfg.seed)
     source = resolve_backbone(cfg.model.backbone)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=hub_offline(), trust_remote_code=False)
-    model = _masked_lm(cfg, source)
+    model = _masked_lm(cfg, source).to(device)
     by_letter = letter_texts(records)
     train_letters, held_letters = split_letters(sorted(by_letter), HELD_OUT, cfg.seed)
     train_blocks = blocks(tokenizer, [t for k in train_letters for t in by_letter[k]], cfg.pretrain.max_length)
@@ -168,7 +186,8 @@ def run_pretrain(cfg: TrainConfig, records: Sequence[dict], output: str | Path, 
                     for i in range(0, len(held_blocks), 32)]  # fmt: skip
     start = time.perf_counter()
     report = {"backbone": cfg.model.backbone, "letters": {"train": len(train_letters), "held_out": len(held_letters)},
-              "blocks": {"train": len(train_blocks), "held_out": len(held_blocks)}, "settings": cfg.pretrain.model_dump()}  # fmt: skip
+              "blocks": {"train": len(train_blocks), "held_out": len(held_blocks)}, "settings": cfg.pretrain.model_dump(),
+              "device": devices.describe(device)}  # fmt: skip
     report["perplexity_initial_head"] = perplexity(model, eval_batches, tokenizer.pad_token_id)
     head = [p for n, p in model.named_parameters() if not n.startswith(model.base_model_prefix + ".")]
     if HEAD_WARMUP_STEPS:

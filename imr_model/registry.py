@@ -30,6 +30,8 @@ class Promotion:
     champion_value: float | None = None
     #: candidate − champion on the same letters, with its letter-level bootstrap interval (`--data`, outcome metrics)
     paired: dict | None = None
+    #: `overlap.check` of the given letters against each version's training letters (`--data` only)
+    overlap: dict | None = None
 
 
 def _bare_metric(metric: str) -> str:
@@ -97,8 +99,9 @@ def promote(name: str = "imr-classifier", metric: str = "test_auprc", data: list
         values = [_metric_from_evaluation(r["evaluation"], metric) for r in (c_res, h_res)]
         where = f"on {len(data)} given input path(s)"
         paired = _paired(c_pred, h_pred, metric)
+        seen = {"candidate": c_res["overlap"], "champion": h_res["overlap"]}
     else:
-        paired = None
+        paired, seen = None, None
         (c_val, c_dig), (h_val, h_dig) = _logged_metric(client, cand, metric), _logged_metric(client, champ, metric)
         if c_val is None or h_val is None:
             raise ValueError(f"metric {metric!r} was not logged by both runs (candidate {c_val}, champion {h_val}); "
@@ -118,9 +121,12 @@ def promote(name: str = "imr-classifier", metric: str = "test_auprc", data: list
                    f"{paired['n_resamples'] - paired['n_dropped']} letter resamples: {noise}")  # fmt: skip
     elif not data:
         reason += "; no interval: pass --data to pair both versions on the same letters"
+    for role, check in (seen or {}).items():
+        if check.get("warning"):
+            reason += f"; WARNING ({role}): {check['warning']}"
     if ok:
         client.set_registered_model_alias(name, CHAMPION, cand_v)
-    return Promotion(ok, reason, metric, cand_v, champ_v, values[0], values[1], paired)
+    return Promotion(ok, reason, metric, cand_v, champ_v, values[0], values[1], paired, seen)
 
 
 def _paired(cand: dict, champ: dict, metric: str) -> dict | None:

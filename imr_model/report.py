@@ -72,7 +72,7 @@ def render_report(
         '<span class="note">Layer integrated gradients on the word embeddings; scores are in logit units.'
         + (" Only the item's last window is attributed (last pooling); words outside it stay unshaded."
            if model_info.get("pooling") == "last" else "")  # fmt: skip
-        + "</span></p>"
+        + " Each item says which of its windows were attributed; words outside them score 0.</span></p>"
     )
     body = "".join(_item_section(it, top_k) for it in items) or "<p>No items.</p>"
     return (
@@ -135,10 +135,28 @@ def _attribution_html(attr: dict, top_k: int) -> str:
         f'n_steps: {attr.get("n_steps", "")} · convergence delta: {float(attr.get("delta", 0.0)):+.2e}'
     )
     return (
-        f'<p class="note">{info}</p><div class="text">{shaded}</div>'
+        f'<p class="note">{info}</p>{_windows_note(attr.get("windows") or [])}<div class="text">{shaded}</div>'
         f"<table><thead><tr><th>#</th><th>word</th><th>score</th><th>direction</th><th>chars</th></tr></thead>"
         f"<tbody>{rows}</tbody></table>"
     )
+
+
+def _windows_note(windows: list[dict]) -> str:
+    """Which windows were attributed: their character spans, and what the windows left out carry."""
+    if not windows:
+        return ""
+    done = [w for w in windows if w["attributed"]]
+    spans = ", ".join(f'{w["start"]}–{w["end"]}' for w in done) or "none"
+    skipped = [w for w in windows if not w["attributed"] and w["weight"] > 0]
+    unweighted = sum(1 for w in windows if not w["attributed"] and w["weight"] == 0)
+    parts = [f"attributed windows: {len(done)} of {len(windows)} (chars {spans})"]
+    if unweighted:
+        parts.append(f"{unweighted} not pooled into this target (weight 0: they contribute nothing)")
+    if skipped:
+        carried = sum(float(w["contribution"]) for w in skipped)
+        parts.append(f"{len(skipped)} pooled but not attributed (coverage below 1): they carry {carried:+.4f} "
+                     "logits their words do not show")  # fmt: skip
+    return f'<p class="note windows">{_e("; ".join(parts))}</p>'
 
 
 def _shade(text: str, words: list[dict], peak: float) -> str:

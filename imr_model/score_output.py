@@ -67,6 +67,8 @@ _PARTS_META = b"imr_parts"
 _PART_NAME = re.compile(r"part-(\d{6})\.parquet")
 MAX_BUFFERED_WORDS = 200_000  # attribution words held in memory before a Parquet part is written
 _WORD = pa.struct([("word", pa.string()), ("start", pa.int32()), ("end", pa.int32()), ("score", pa.float64())])
+_WINDOW = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("weight", pa.float64()), ("attributed", pa.bool_()),
+                     ("contribution", pa.float64())])  # fmt: skip
 _ATTRIBUTION = pa.struct(
     [
         ("target", pa.string()),
@@ -74,6 +76,7 @@ _ATTRIBUTION = pa.struct(
         ("delta", pa.float64()),
         ("n_steps", pa.int32()),
         ("words", pa.list_(_WORD)),
+        ("windows", pa.list_(_WINDOW)),  # attribution.WindowSpan: which windows were attributed
     ]
 )
 _REASONS = {

@@ -38,6 +38,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from imr_model.attribution import DEFAULT_STEPS, OUTCOME
+from imr_model.drift import DriftAccumulator
 from imr_model.inference import load_model
 from imr_model.letters import iter_letter_files, parse_many
 from imr_model.progress import progress_bar
@@ -77,6 +78,7 @@ class ScoreSummary:
     errors: int = 0
     skipped: int = 0  # already in the output from an earlier run
     seconds: float = 0.0
+    drift: dict | None = None  # the batch drift report of the items scored in this run (`drift.compare`)
 
     @property
     def items_per_second(self) -> float:
@@ -97,6 +99,8 @@ def score(
     checkpoint_rows: int = 2048,
     chunk_items: int | None = None,
     lock: OutputLock | None = None,
+    drift: bool = True,
+    device: str | None = None,
 ) -> ScoreSummary:
     """Score every letter in `inputs` into `output` (.jsonl/.csv/.parquet), resuming a previous run.
 
@@ -110,6 +114,9 @@ def score(
     return; a caller that loads the model itself first can take the lock earlier and pass it as
     `lock` (it stays the caller's to release). Raises `OutputLockedError` / `OutputWriteError` (both
     `OutputError`) for an output in use, read-only, not permitted, or on a full disk.
+
+    With `drift`, the summary's ``drift`` holds the batch drift report (`imr_model.drift`) of the items scored
+    in this run (numbers gathered per chunk: the run's memory stays flat).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -123,13 +130,14 @@ def score(
     lock = lock_output(output) if own_lock else lock  # so do a locked, read-only or full output
     writer = None
     try:
-        predictor = load_model(model, backend=backend)
+        predictor = load_model(model, backend=backend, device=device)  # device: None = auto (`imr_model.devices`)
         run_info = {"model": predictor.identity()}
         if attributions:
             run_info.update(target=target, n_steps=n_steps)
         writer = open_writer(output, with_attributions=attributions, run_info=run_info,
                              parquet_rows_per_part=checkpoint_rows, lock=lock)  # fmt: skip
         summary, start = ScoreSummary(), time.perf_counter()
+        tracker = DriftAccumulator.for_predictor(predictor) if drift else None
         scans = {t: scan_table(t) for t in tables}
         total = len(letter_paths) + sum(scan[0] for scan in scans.values())
         with progress_bar("scoring", total=total, unit="letters", disable=not progress) as bar:
@@ -139,7 +147,7 @@ def score(
 
             units = _prefetch(iter_units(letter_paths, tables, skip=writer.done, on_skip=skipped, scans=scans))
             for chunk in chunked(units, chunk_items):
-                chunk, rows = _score_chunk(predictor, chunk, attributions=attributions, target=target,
+                chunk, rows = _score_chunk(predictor, chunk, drift=tracker, attributions=attributions, target=target,
                                            n_steps=n_steps, batch_size=batch_size)  # fmt: skip
                 writer.write([u.key for u in chunk], rows)
                 summary.letters += sum(1 for u in chunk if u.error is None)
@@ -149,6 +157,8 @@ def score(
                 bar.advance(len(chunk))
                 bar.update(rate=f"{summary.items_per_second:.1f} items/s")
         writer.close()
+        if tracker is not None:
+            summary.drift = tracker.report(model=predictor.identity(), scope=_drift_scope(summary))
     finally:
         if writer is not None:
             writer.abort()
@@ -158,19 +168,55 @@ def score(
     return summary
 
 
-def _score_chunk(predictor, chunk: list[Unit], **kwargs) -> tuple[list[Unit], list[dict]]:
+def drift_report(inputs: Iterable[str | Path], *, model=None, batch_size: int = 32, progress: bool = True,
+                 chunk_items: int | None = None) -> dict:  # fmt: skip
+    """The batch drift report (`imr_model.drift`) of the items in `inputs` (letters, folders, globs, item tables),
+    scored like `score` (same inputs, chunks and error handling) but writing no rows (`imr drift`)."""
+    letter_paths, tables = split_inputs(inputs)
+    predictor = load_model(model)
+    tracker = DriftAccumulator.for_predictor(predictor)
+    summary, start = ScoreSummary(), time.perf_counter()
+    scans = {t: scan_table(t) for t in tables}
+    total = len(letter_paths) + sum(scan[0] for scan in scans.values())
+    with progress_bar("drift", total=total, unit="letters", disable=not progress) as bar:
+        for chunk in chunked(_prefetch(iter_units(letter_paths, tables, scans=scans)), chunk_items or 4 * batch_size):
+            chunk, _ = _score_chunk(predictor, chunk, drift=tracker, batch_size=batch_size)
+            summary.letters += sum(1 for u in chunk if u.error is None)
+            summary.errors += sum(1 for u in chunk if u.error is not None)
+            summary.items += sum(len(u.records) for u in chunk)
+            bar.advance(len(chunk))
+    summary.seconds = time.perf_counter() - start
+    return tracker.report(model=predictor.identity(), scope=f"{summary.items} items of {summary.letters} letters "
+                          f"({summary.errors} inputs could not be read)", letters=summary.letters, errors=summary.errors,
+                          seconds=round(summary.seconds, 2))  # fmt: skip
+
+
+def _drift_scope(summary: ScoreSummary) -> str:
+    done = f"; {summary.skipped} letters already in the output were not read again" if summary.skipped else ""
+    return f"the {summary.items} items scored in this run{done}"
+
+
+def _score_chunk(predictor, chunk: list[Unit], drift: DriftAccumulator | None = None,
+                 **kwargs) -> tuple[list[Unit], list[dict]]:  # fmt: skip
     """`score_units` on a chunk; if it fails, each letter alone, and a letter that still fails becomes an
     error row naming the exception type (never its message, which may quote text). Chunks are formed
-    deterministically, so without this one failing letter would stop every rerun at the same place."""
+    deterministically, so without this one failing letter would stop every rerun at the same place.
+    `drift` gathers the drift statistics of the letters scored (what a failed attempt observed is dropped)."""
+    observe = drift.observe if drift is not None else None
+    mark = drift.mark() if drift is not None else 0
     try:
-        return chunk, score_units(predictor, chunk, **kwargs)
+        return chunk, score_units(predictor, chunk, observe=observe, **kwargs)
     except Exception:  # noqa: BLE001 - isolate the letter that fails
-        pass
+        if drift is not None:
+            drift.rollback(mark)
     units, rows = [], []
     for unit in chunk:
+        mark = drift.mark() if drift is not None else 0
         try:
-            rows += score_units(predictor, [unit], **kwargs)
+            rows += score_units(predictor, [unit], observe=observe, **kwargs)
         except Exception as exc:  # noqa: BLE001 - one letter never ends the batch
+            if drift is not None:
+                drift.rollback(mark)
             logger.warning("prediction failed for %s (%s)", unit.source, type(exc).__name__)
             unit = Unit(unit.source, unit.letter_id, [], error=f"prediction failed ({type(exc).__name__})")
             rows += score_units(predictor, [unit], **kwargs)
@@ -179,7 +225,8 @@ def _score_chunk(predictor, chunk: list[Unit], **kwargs) -> tuple[list[Unit], li
 
 
 def score_units(predictor, units: list[Unit], **kwargs) -> list[dict]:
-    """Output rows for a chunk of letters: the item predictions in order, one error row per failed letter."""
+    """Output rows for a chunk of letters: the item predictions in order, one error row per failed letter.
+    `kwargs` go to `predict_records`."""
     records = [r for u in units if u.error is None for r in u.records]
     preds = iter(predictor.predict_records(records, **kwargs)) if records else iter(())
     with_attr = kwargs.get("attributions", False)

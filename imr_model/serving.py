@@ -60,7 +60,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imr_model import __version__
 from imr_model.attribution import DEFAULT_STEPS, OUTCOME
-from imr_model.inference import BACKENDS, Predictor, resolve_model_uri
+from imr_model.inference import BACKENDS, Predictor, backend_device, resolve_model_uri
 from imr_model.serving_pool import JobFailed, JobTimeout, PoolBusy, WorkerCrashed, WorkerPool, default_workers
 from imr_model.types import clean_text
 
@@ -227,11 +227,14 @@ def create_app(
     workers: int | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    device: str | None = None,
 ) -> FastAPI:
     """The service app. The worker processes start and load the model now (a bad URI fails here).
 
     `model` is a directory or MLflow URI (or a loaded `Predictor`, whose URI and backend the workers
-    load again). `workers` defaults to `serving_pool.default_workers()` (2 on a 2-core machine).
+    load again, on its device). `workers` defaults to `serving_pool.default_workers()` (2 on a 2-core machine).
+    `device`: where the workers run the model (`imr_model.devices`; None = auto: CUDA, else MPS, else the CPU;
+    every worker loads its own copy there). A device this machine does not have fails here, before any worker.
     `token` defaults to ``$IMR_API_TOKEN``; an empty value disables authentication. Close the
     workers with the app's shutdown (lifespan; a ``with TestClient(app)`` block does it) or
     ``app.state.pool.close()``.
@@ -243,12 +246,13 @@ def create_app(
     if workers < 1 or max_queue < 0:
         raise ValueError(f"workers ({workers}) must be >= 1 and max_queue ({max_queue}) >= 0")
     if isinstance(model, Predictor):
-        uri, backend = model.info.get("resolved_uri") or model.uri, model.backend
+        uri, backend, device = model.info.get("resolved_uri") or model.uri, model.backend, device or model.device
     else:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
         uri = resolve_model_uri(model)
-    pool = WorkerPool(uri, backend=backend, workers=workers, max_queue=max_queue)
+    device = str(backend_device(backend, device))  # the workers load there
+    pool = WorkerPool(uri, backend=backend, workers=workers, max_queue=max_queue, device=device)
     token = os.environ.get(TOKEN_ENV, "") if token is None else token
 
     @asynccontextmanager
@@ -304,7 +308,8 @@ def create_app(
         stats = pool.stats()
         status = "ok" if stats["alive"] else "restarting" if stats["starting"] else "unavailable"
         body = {"status": status, "model_loaded": stats["alive"] > 0, "backend": info.get("backend", backend),
-                "version": __version__, "workers": stats}  # fmt: skip
+                "device": info.get("metadata", {}).get("device", device), "version": __version__,
+                "workers": stats}  # fmt: skip
         return SafeJSONResponse(body, status_code=503 if status == "unavailable" else 200)
 
     @app.get("/model", dependencies=secured)
@@ -539,7 +544,7 @@ def serve(
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
     **kwargs,
 ) -> None:
-    """Run the service with uvicorn (blocking). `kwargs` go to `create_app` (workers, timeout_s, ...)."""
+    """Run the service with uvicorn (blocking). `kwargs` go to `create_app` (workers, timeout_s, device, ...)."""
     import uvicorn
 
     if header_timeout_s <= 0:

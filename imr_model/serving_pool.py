@@ -106,12 +106,13 @@ class WorkerPool:
     """`workers` model processes; `run(kind, payload, deadline)` runs one job on one of them."""
 
     def __init__(self, model: str, *, backend: str = "torch", workers: int = 1, threads: int | None = None,
-                 max_queue: int = 16, start_timeout_s: float = START_TIMEOUT_S):  # fmt: skip
+                 max_queue: int = 16, start_timeout_s: float = START_TIMEOUT_S, device: str | None = None):  # fmt: skip
         if workers < 1 or max_queue < 0:
             raise ValueError(f"workers ({workers}) must be >= 1 and max_queue ({max_queue}) >= 0")
         self.size, self.max_queue = workers, max_queue
         self.threads = threads or max(1, usable_cpus() // workers)
-        self._spec = {"model": str(model), "backend": backend, "threads": self.threads}
+        # device: the spec each worker loads the model onto (None = auto, resolved in the worker)
+        self._spec = {"model": str(model), "backend": backend, "threads": self.threads, "device": device}
         self._ctx = _context()
         self._root = tempfile.mkdtemp(prefix="imr-serve-")
         self._idle: queue.Queue[_Worker] = queue.Queue()

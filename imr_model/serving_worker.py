@@ -162,7 +162,7 @@ def main(conn, spec: dict) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(spec.get("threads") or 1)))
-        predictor = load_model(spec["model"], backend=spec["backend"])
+        predictor = load_model(spec["model"], backend=spec["backend"], device=spec.get("device"))
         predictor.predict_records([{"letter_id": "warmup", "item_index": 1, "request": "", "rationale": WARMUP_TEXT,
                                     "case_summary": WARMUP_TEXT}])  # fmt: skip
         info = {

@@ -23,7 +23,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import pandas as pd
 
@@ -127,6 +127,90 @@ def is_dmhc(columns: Sequence[str]) -> bool:
     return all(norm_column(c) in present for c in DMHC_COLUMNS)
 
 
+TABLE_CHUNK_ROWS = 2000  # rows per chunk when a table is streamed (`iter_table_records`)
+
+
+def iter_table_records(
+    path: str | Path,
+    *,
+    source: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    id_column: str | None = None,
+    request_column: str | None = None,
+    summary_column: str | None = None,
+    chunk_rows: int = TABLE_CHUNK_ROWS,
+) -> Iterator[dict]:
+    """`records_from_table(read_table(path), ...)` as a stream: the table is read `chunk_rows` rows at a time.
+
+    The columns are those of the whole file (a JSONL key missing from a chunk's rows is still a column), and rows
+    are numbered as in the whole file, so the records are those of the whole-table read; memory stays bounded.
+    `source` (default: the path) is each record's `source`, as `records_from_table` takes it.
+    """
+    path = Path(path)
+    kwargs = dict(source=str(path) if source is None else source, text_column=text_column, label_column=label_column, id_column=id_column,
+                  request_column=request_column, summary_column=summary_column)  # fmt: skip
+    start = 1
+    for frame in _table_chunks(path, chunk_rows):
+        yield from records_from_table(frame, start=start, **kwargs)
+        start += len(frame)
+
+
+def _table_chunks(path: Path, chunk_rows: int) -> Iterator[Any]:
+    """DataFrames of at most `chunk_rows` rows, with the whole file's columns (dtypes as `read_table`)."""
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"{path}: unsupported table format {suffix!r}; expected one of {list(TABLE_SUFFIXES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(path)
+        empty = True
+        for batch in table.iter_batches(batch_size=chunk_rows):
+            empty = False
+            yield batch.to_pandas()
+        if empty:
+            yield table.schema_arrow.empty_table().to_pandas()
+        return
+    if suffix == ".jsonl":
+        columns: dict[str, None] = {}
+        with path.open(encoding="utf-8") as fh:  # pass 1: every key of every row (the whole-file columns)
+            for line in fh:
+                if line.strip():
+                    columns.update(dict.fromkeys(json.loads(line)))
+        with path.open(encoding="utf-8") as fh:
+            lines: list[str] = []
+            for line in fh:
+                if line.strip():
+                    lines.append(line)
+                if len(lines) >= chunk_rows:
+                    yield pd.read_json(io.StringIO("".join(lines)), lines=True, dtype=False).reindex(columns=list(columns))
+                    lines = []
+            if lines or not columns:
+                yield (pd.read_json(io.StringIO("".join(lines)), lines=True, dtype=False) if lines
+                       else pd.DataFrame()).reindex(columns=list(columns))  # fmt: skip
+        return
+    encoding = "utf-8-sig" if _decodes(path, "utf-8-sig") else "cp1252"
+    yield from pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding, chunksize=chunk_rows)
+
+
+def _decodes(path: Path, encoding: str) -> bool:
+    """Whether the whole file decodes as `encoding` (read in 1 MB blocks: constant memory)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder(encoding)()
+    try:
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def records_from_table(
     frame,
     *,
@@ -136,11 +220,14 @@ def records_from_table(
     id_column: str | None = None,
     request_column: str | None = None,
     summary_column: str | None = None,
+    start: int = 1,
 ) -> list[dict]:
-    """Normalise a DataFrame to item records. A DMHC table is recognised by its columns when no column is named."""
+    """Normalise a DataFrame to item records. A DMHC table is recognised by its columns when no column is named.
+
+    `start`: the number of the frame's first row in its file (a chunk of a streamed table, `iter_table_records`)."""
     columns = [str(c) for c in frame.columns]
     if text_column is None and label_column is None and is_dmhc(columns):
-        return dmhc_records(frame, source=source)
+        return dmhc_records(frame, source=source, start=start)
     text = _find_column(columns, text_column, _TEXT_COLS, "text", source)
     if text is None:
         raise ValueError(
@@ -153,7 +240,7 @@ def records_from_table(
     summary = _find_column(columns, summary_column, _SUMMARY_COLS, "summary", source)
     stem = Path(source).stem
     records = []
-    for n, row in enumerate(frame.to_dict("records"), start=1):
+    for n, row in enumerate(frame.to_dict("records"), start=start):
         try:
             decision = normalize_label(row[label]) if label else None
         except ValueError as exc:
@@ -194,8 +281,8 @@ def _labels(value: Any) -> list[str]:
 # --------------------------------------------------------------------------- DMHC
 
 
-def dmhc_records(frame, *, source: str) -> list[dict]:
-    """DMHC rows → item records (one item per case)."""
+def dmhc_records(frame, *, source: str, start: int = 1) -> list[dict]:
+    """DMHC rows → item records (one item per case); `start` numbers the first row (see `records_from_table`)."""
     cols = {norm_column(c): c for c in frame.columns}
     missing = [c for c in DMHC_COLUMNS if norm_column(c) not in cols]
     if missing:
@@ -208,7 +295,7 @@ def dmhc_records(frame, *, source: str) -> list[dict]:
         return "" if value is None else str(value).strip()
 
     records = []
-    for n, row in enumerate(frame.to_dict("records"), start=1):
+    for n, row in enumerate(frame.to_dict("records"), start=start):
         try:
             decision = normalize_label(get(row, "Determination"))
         except ValueError as exc:

@@ -149,6 +149,13 @@ def epoch_logger(prefix: str = ""):
     return log
 
 
+def log_params(values: Mapping[str, Any]) -> None:
+    """Params of the active run (e.g. the device a training run used: `device`, `device_precision`)."""
+    import mlflow
+
+    mlflow.log_params(dict(values))
+
+
 def log_metrics(values: Mapping[str, float]) -> None:
     import mlflow
 

@@ -9,7 +9,8 @@
 3. `clf.fit_calibration`: the outcome temperature and threshold, on the validation items (finetune) or
    on the outcome head's grouped out-of-fold logits (probe, whose heads are fit on train + validation:
    nothing is early-stopped);
-4. the reference profile of the training items for input warnings (`imr_model.familiarity`).
+4. the reference profile of the training items for input warnings (`imr_model.familiarity`) and batch
+   drift (`imr_model.drift`).
 
 Every fitted parameter is written by the classifier's own methods; this module only orders them.
 """
@@ -23,7 +24,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from imr_model import familiarity
+from imr_model import devices, drift, familiarity
 from imr_model.baseline import TfidfFeatures
 from imr_model.config import TrainConfig
 from imr_model.finetune import EpochCallback, fine_tune
@@ -66,6 +67,7 @@ def train_classifier(
     if train.Y.shape[1] != len(label_names):
         raise ValueError(f"train.Y has {train.Y.shape[1]} label columns but {len(label_names)} label names")
     t, probe = cfg.train, cfg.train.recipe == "probe"
+    device = devices.resolve_device(t.device)  # `train.device`; a missing GPU fails before any work
     if t.threads:
         torch.set_num_threads(t.threads)
     if probe:  # nothing is early-stopped: the heads are fit on both, calibrated out of fold
@@ -76,7 +78,8 @@ def train_classifier(
         b = cfg.baseline
         tfidf = TfidfFeatures.fit(train.texts, max_features=b.max_features, min_df=min(b.min_df, len(train)),
                                   ngram_max=b.ngram_max)  # fmt: skip
-    clf = IMRClassifier.build(cfg.model, label_names, tfidf=tfidf)
+    clf = IMRClassifier.build(cfg.model, label_names, tfidf=tfidf, device=device)
+    clf.metrics["device"] = devices.describe(device)  # where it was trained (metrics.json, MLflow), not its config
     windows = clf.make_windows(train.texts)
     history: list[dict] = []
     w_val = None if probe else clf.make_windows(val.texts)  # early stopping and calibration read the same windows
@@ -92,14 +95,23 @@ def train_classifier(
             raise ValueError(f"train.recipe: probe calibrates on grouped out-of-fold logits, but the {len(train)} "
                              f"training + validation items ({int(train.y.sum())} Overturned) do not make 2+ folds "
                              "with both outcomes; train on more letters or use train.recipe: finetune")  # fmt: skip
+        held_out, held_out_groups = oof, train.groups
+        held_out_on = f"grouped out-of-fold calibrated probabilities of {len(train)} train + validation items"
         clf.fit_calibration(oof, train.y, on=f"grouped out-of-fold logits of {len(train)} train + validation items")
     else:
-        o, _ = clf.window_item_logits(w_val, val.texts, batch_size=t.eval_batch_size)
-        clf.fit_calibration(o, val.y, on=f"{len(val)} validation items")
-    # Statistics of the training items for the input checks (imr_model.familiarity), from the final encoder's
-    # window vectors; saved by familiarity.save_classifier_profile.
-    familiarity.attach_profile(clf, familiarity.fit_classifier_profile(
-        clf, train.texts, windows, vectors[1].numpy(), t.eval_batch_size, groups=train.groups))
+        held_out, _ = clf.window_item_logits(w_val, val.texts, batch_size=t.eval_batch_size)
+        held_out_on, held_out_groups = f"calibrated probabilities of {len(val)} validation items", val.groups
+        clf.fit_calibration(held_out, val.y, on=f"{len(val)} validation items")
+    # Statistics of the training items for the input checks (imr_model.familiarity) and batch drift
+    # (imr_model.drift), from the final encoder's window vectors; saved by familiarity.save_classifier_profile.
+    means = vectors[1].numpy()
+    profile = familiarity.fit_classifier_profile(clf, train.texts, windows, means, t.eval_batch_size, groups=train.groups)
+    p_held_out = clf.probabilities(held_out, np.zeros((len(held_out), 0)))[0]
+    b = cfg.baseline  # the TF-IDF vocabulary settings of the baseline (and the guideline term)
+    familiarity.attach_profile(clf, drift.with_reference(
+        profile, familiarity.item_vectors(windows, means, len(train)), train.texts, train.groups, p_held_out,
+        held_out_groups, probability_source=held_out_on, y=train.y,
+        tfidf={"max_features": b.max_features, "min_df": b.min_df, "ngram_max": b.ngram_max}))  # fmt: skip
     clf.net.eval()
     return clf, history
 

@@ -42,8 +42,8 @@ def test_the_code_defaults_are_configs_default_yaml():
     assert TrainConfig() != load_config("default", ["train.epochs=5"])  # the comparison sees a changed value
 
 
-def test_the_config_has_at_most_60_fields():
-    """The #20 budget: every field counts, sections included."""
+def test_the_config_has_at_most_61_fields():
+    """The #20 budget (60), plus train.device (#22): every field counts, sections included."""
     from imr_model.config import DataSection, MlflowSection
 
     assert count_fields(DataSection) == 2 and count_fields(MlflowSection) == 5
@@ -51,7 +51,7 @@ def test_the_config_has_at_most_60_fields():
                 and issubclass(f.annotation, BaseModel)]  # fmt: skip
     assert len(sections) == 6
     assert count_fields() == len(TrainConfig.model_fields) + sum(count_fields(s) for s in sections)
-    assert count_fields() <= 60
+    assert count_fields() <= 61
 
 
 @pytest.mark.parametrize("override, replacement", [

@@ -98,12 +98,22 @@ def test_train_register_load_predict_promote(tiny_config, demo_records, monkeypa
     from imr_model.demo import write_demo_letters
 
     letters = write_demo_letters(tmp_path / "letters", 12, seed=5)
+    # (first) the letters all versions were trained on: promote says so (per-letter digests, #21 item 6);
+    # a tolerance no candidate can meet keeps the aliases as they are for the paired check below
+    seen = write_demo_letters(tmp_path / "seen", 40, seed=3)  # the letters of `demo_records`
+    warned = registry.promote(metric="test_auroc", data=[str(p) for p in seen], tolerance=-2.0)
+    assert not warned.promoted
+    assert warned.overlap["candidate"]["fitted_letters"] > 0 and warned.overlap["champion"]["fitted_letters"] > 0
+    assert "WARNING (candidate)" in warned.reason and "training data" in warned.reason
+
     scored = registry.promote(metric="test_auroc", data=[str(p) for p in letters])
     assert scored.paired is not None and scored.paired["metric"] == "auroc"
     low, high = scored.paired["difference_ci95"]
     assert low <= scored.paired["difference"] <= high
     assert scored.paired["difference"] == pytest.approx(scored.candidate_value - scored.champion_value, abs=1e-9)
     assert "paired difference" in scored.reason and "noise" in scored.reason
+    assert scored.overlap["candidate"]["checked"] and scored.overlap["candidate"]["fitted_letters"] == 0
+    assert "WARNING" not in scored.reason
 
 
 def test_local_dataset_source_resolves_without_mlflows_ambiguity_warning(tmp_path):
