@@ -21,9 +21,7 @@ import hashlib
 import heapq
 import json
 import logging
-import os
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -71,16 +69,9 @@ META_FILE = "imr_dataset.json"
 
 
 def _validated(records: Iterable[Mapping]) -> list[dict]:
-    rows = [dict(r) for r in records]
+    rows = [_validated_row(r, i) for i, r in enumerate(records)]
     if not rows:
         raise ValueError("no records: build_dataset needs at least one labelled item record")
-    for i, row in enumerate(rows):
-        try:
-            row["decision"] = normalize_label(row.get("decision"))
-        except ValueError as exc:
-            raise ValueError(f"record {i} ({row.get('letter_id')!r}): {exc}") from None
-        if row["decision"] is None:
-            raise ValueError(f"record {i} ({row.get('letter_id')!r}) has no decision; expected Upheld/Overturned")
     return rows
 
 

@@ -94,14 +94,20 @@ def _py(value: Any) -> Any:
     return value
 
 
-def read_table(path: str | Path):
-    """Read a .csv (UTF-8, falling back to cp1252), .jsonl or .parquet file into a pandas DataFrame."""
-    path = Path(path)
+def _table_suffix(path: Path) -> str:
+    """The lower-cased suffix of an existing table file; ValueError / FileNotFoundError naming the file otherwise."""
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise ValueError(f"{path}: unsupported table format {suffix!r}; expected one of {list(TABLE_SUFFIXES)}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    return suffix
+
+
+def read_table(path: str | Path):
+    """Read a .csv (UTF-8, falling back to cp1252), .jsonl or .parquet file into a pandas DataFrame."""
+    path = Path(path)
+    suffix = _table_suffix(path)
     if suffix == ".parquet":
         return pd.read_parquet(path)
     if suffix == ".jsonl":
@@ -158,11 +164,7 @@ def iter_table_records(
 
 def _table_chunks(path: Path, chunk_rows: int) -> Iterator[Any]:
     """DataFrames of at most `chunk_rows` rows, with the whole file's columns (dtypes as `read_table`)."""
-    suffix = path.suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise ValueError(f"{path}: unsupported table format {suffix!r}; expected one of {list(TABLE_SUFFIXES)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    suffix = _table_suffix(path)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
