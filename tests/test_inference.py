@@ -157,7 +157,10 @@ def test_resolution_order(model_dir, tmp_path, monkeypatch):
 def test_mlflow_runs_uri(model_dir, tmp_path, monkeypatch):
     import mlflow
 
+    from imr_model import tracking
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.configure()  # an earlier test's mlflow.set_tracking_uri would otherwise win over the variable
     mlflow.set_experiment("inference-test")
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(model_dir), artifact_path="model_dir")

@@ -225,10 +225,42 @@ def test_kill_9_then_resume_equals_uninterrupted(model_dir, tmp_path, fmt):
 
     rerun = run([*args, "-o", str(out)])
     assert rerun.wait(timeout=600) == 0, rerun.stderr.read().decode()[-2000:]
+    # No lost rows, no duplicates, same order and fields, same values: the window cache carries a sentence's result
+    # over from an earlier letter, so the resumed run (which did not see the letters before the kill) may compute it
+    # in another batch, which differs in the last float bits (window_cache.py); numbers are compared to 1e-6.
+    got, want = _rows(out, fmt), _rows(ref, fmt)
+    assert [r["letter_id"] for r in got] == [r["letter_id"] for r in want] and len(want) >= 30
+    _assert_close(got, want)
+
+
+def _rows(path: Path, fmt: str) -> list[dict]:
     if fmt == "parquet":
-        assert pq.read_table(out).to_pylist() == pq.read_table(ref).to_pylist()
+        return pq.read_table(path).to_pylist()
+    if fmt == "csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _assert_close(a, b, where: str = "") -> None:
+    """Equal, except numbers (also numbers and JSON held in strings, as CSV cells hold them) to 1e-6."""
+    if isinstance(a, str) and isinstance(b, str) and a != b:
+        try:
+            a, b = float(a), float(b)
+        except ValueError:
+            if a[:1] in "[{" and b[:1] in "[{":
+                a, b = json.loads(a), json.loads(b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            _assert_close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float) and not (a == b):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), where
     else:
-        assert out.read_bytes() == ref.read_bytes()  # no lost rows, no duplicates, same values
+        assert a == b, where
 
 
 # --------------------------------------------------------------------------- messy and hostile input
