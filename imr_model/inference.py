@@ -43,6 +43,10 @@ MODELS_DIR = Path("models")
 BACKENDS = ("torch", "onnx")
 BARE_TEXT_ID = "text"
 ONNX_DISTANCE = ("bare", "all", "off")
+#: `batch_size` (windows per forward pass) → padded tokens per pass: batch_size × this. Batches are cut by tokens,
+#: so a pass holds many short sentences or a few long ones (measured best: 4,096 tokens for torch, 2,048 for the
+#: int8 ONNX session, at the default batch_size 32; docs/experiments.md "Scoring speed").
+TOKENS_PER_WINDOW = {"torch": 128, "onnx": 64}
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # models:/, runs:/, s3://, file:///...
 logger = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 5_000_000  # a letter is 5-50 KB of text; the service caps bodies well below this
@@ -199,8 +203,9 @@ class Predictor:
             raise ValueError(f"onnx_distance is {self.onnx_distance!r}; valid: {', '.join(ONNX_DISTANCE)}")
         clf = self.classifier
         own = self.profile is not None and self.forward is None  # the torch pass gives the embeddings too
-        o, g, *window_means = clf.window_item_logits(windows, texts, batch_size=batch_size, forward=self.forward,
-                                                     vectors=own, **self._cache_args("windows"))  # fmt: skip
+        o, g, *window_means = clf.window_item_logits(windows, texts, forward=self.forward, vectors=own,
+                                                     batch_tokens=batch_size * TOKENS_PER_WINDOW[self.backend],
+                                                     **self._cache_args("windows"))  # fmt: skip
         p, g = clf.probabilities(o, g)
         if own:
             return p, g, familiarity.item_vectors(windows, window_means[0], len(texts))

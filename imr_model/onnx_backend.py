@@ -135,6 +135,11 @@ class OnnxForward:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one op at a time, each on the intra-op threads
+        # Idle intra-op threads sleep instead of spinning: the spinning burnt CPU that PDF parsing and the rest of
+        # `imr score` (and other jobs on a shared machine) need; on the shared letters' windows it cut the
+        # session's CPU time by ~30% at the same or better wall time (docs/experiments.md "Scoring speed").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(onnx_path)
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 

@@ -190,3 +190,67 @@ def test_evidence_term_goes_to_the_words_that_made_it(tmp_path):
     for start, g in gap.items():  # each word: its log_words share, and "unclear." also the pattern's whole share
         share = 0.2 * np.log(n_words) / n_words + (-3.0 * np.log(2) if start == unclear else 0.0)
         assert g == pytest.approx(share, abs=1e-4)
+
+
+def test_windows_say_which_were_attributed(tmp_path):
+    """Every window is listed with its weight; under `last` pooling only the last is attributed and the others
+    contribute exactly 0; an attributed window's words add up to its contribution (up to its delta)."""
+    clf = IMRClassifier.from_pretrained(tiny_model(tmp_path / "m", seed=7, pooling="last", window_unit="sentences"))
+    text = " ".join(TEXTS)
+    a = attribute(clf, text, n_steps=32)
+    assert len(a.windows) == 3
+    assert [w.attributed for w in a.windows] == [False, False, True]
+    assert [w.weight for w in a.windows] == [0.0, 0.0, 1.0] and a.windows[0].contribution == 0.0
+    assert a.unattributed == 0.0
+    last = a.windows[-1]
+    assert text[last.start : last.end] == TEXTS[-1]
+    fx, fb = _baseline_logits(clf, text)
+    assert last.contribution == pytest.approx(float(fx[-1] - fb[-1]), abs=1e-4)
+    scored = sum(w.score for w in a.words)
+    assert scored == pytest.approx(last.contribution + a.delta, abs=1e-6)
+    assert a.to_dict()["windows"][-1]["attributed"] is True
+
+
+def test_coverage_attributes_only_the_deciding_windows(tmp_path):
+    """coverage < 1: the fewest windows carrying that share of Σ|contribution| are integrated; the others are
+    flagged, their words score 0, and words + unattributed still add up to the item's logit difference."""
+    clf = IMRClassifier.from_pretrained(tiny_model(tmp_path / "m", seed=7, pooling="mean", window_unit="sentences"))
+    text = " ".join(TEXTS * 2)
+    fx, fb = _baseline_logits(clf, text)
+    weights = window_weights(len(fx), "mean")
+    contribution = weights * (fx - fb)
+    full = attribute(clf, text, n_steps=32)
+    assert all(w.attributed for w in full.windows)
+    part = attribute(clf, text, n_steps=32, coverage=0.6)
+    flags = np.array([w.attributed for w in part.windows])
+    assert 0 < flags.sum() < len(flags)
+    size = np.abs(contribution)
+    assert size[flags].sum() >= 0.6 * size.sum() - 1e-6
+    assert size[flags].min() >= size[~flags].max() - 1e-6  # the largest ones were kept
+    assert part.unattributed == pytest.approx(float(contribution[~flags].sum()), abs=1e-4)
+    for w in part.words:
+        if not any(s.start <= w.start < s.end for s, on in zip(part.windows, flags) if on):
+            assert w.score == 0.0
+    total = sum(w.score for w in part.words) - part.delta + part.unattributed
+    assert total == pytest.approx(float(contribution.sum()), abs=1e-4)
+    with pytest.raises(ValueError, match="coverage must be in"):
+        attribute(clf, text, coverage=0.0)
+
+
+def test_repeated_windows_are_integrated_once_and_cached(tmp_path):
+    """The same sentence in several items is integrated once; a cache carries its scores to later calls."""
+    from imr_model.attribution import attribute_many
+    from imr_model.window_cache import WindowCache
+
+    clf = IMRClassifier.from_pretrained(tiny_model(tmp_path / "m", seed=3, pooling="last", window_unit="sentences"))
+    texts = [TEXTS[0] + " " + TEXTS[2], TEXTS[1] + " " + TEXTS[2]]  # the same last sentence
+    cache = WindowCache()
+    first = attribute_many(clf, texts, n_steps=16, cache=cache, cache_key="m")
+    assert len(cache) == 1 and cache.stats()["misses"] == 1
+    one = attribute(clf, texts[1], n_steps=16)
+    assert np.allclose([w.score for w in first[1].words], [w.score for w in one.words], atol=1e-5)
+    again = attribute_many(clf, texts, n_steps=16, cache=cache, cache_key="m")
+    assert cache.stats()["hits"] == 1
+    assert [w.score for w in again[0].words] == [w.score for w in first[0].words]
+    attribute_many(clf, texts, n_steps=8, cache=cache, cache_key="m")  # other steps: not the same result
+    assert cache.stats()["hits"] == 1

@@ -146,3 +146,16 @@ def test_input_warnings_are_shown_escaped():
     html = render_report([item, _item(2)], letter_id="L")
     assert html.count('<p class="warning">') == 2
     assert "structure: not a parsed IMR letter &lt;b&gt;" in html and "length: 3 words" in html
+
+
+def test_report_says_which_windows_were_attributed():
+    item = _item()
+    item["attributions"]["windows"] = [
+        {"start": 0, "end": 7, "weight": 0.0, "attributed": False, "contribution": 0.0},
+        {"start": 8, "end": 20, "weight": 1.0, "attributed": True, "contribution": 0.4},
+    ]
+    html = render_report([item], letter_id="L")
+    assert "attributed windows: 1 of 2 (chars 8–20)" in html and "1 not pooled into this target" in html
+    item["attributions"]["windows"][0].update(weight=0.5, contribution=-0.25)
+    html = render_report([item], letter_id="L")
+    assert "1 pooled but not attributed (coverage below 1): they carry -0.2500 logits" in html
