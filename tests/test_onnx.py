@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imr_model import inference
+from imr_model import inference, onnx_backend
 from imr_model.modeling import IMRClassifier
 from imr_model.onnx_backend import FP32_FILE, INT8_FILE, OnnxForward, cache_dir, compare, ensure_onnx
 
@@ -86,3 +86,11 @@ def test_int8_guard_falls_back_to_fp32_when_int8_moves_probabilities(setup):
     check = json.loads((cache_dir(model_dir) / CHECK_FILE).read_text())
     assert check["n"] > 0 and check["max_abs_dp"] > 0 and check["onnx_file"] == INT8_FILE
     assert strict.path.name == FP32_FILE and lax.path.name == INT8_FILE
+    assert 0 < check["max_abs_dp_guidelines"] <= onnx_backend.INT8_MAX_DP_GUIDELINES
+
+
+def test_int8_guard_watches_the_guideline_head_too(setup, monkeypatch):
+    """An int8 model within the outcome limit whose guideline probabilities drift is replaced by fp32."""
+    model_dir, clf, _, _ = setup
+    monkeypatch.setattr(onnx_backend, "INT8_MAX_DP_GUIDELINES", 0.0)
+    assert onnx_backend.onnx_forward(clf, model_dir, max_dp=1.0).path.name == FP32_FILE

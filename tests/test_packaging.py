@@ -236,9 +236,10 @@ def test_input_example_and_int8_check_use_the_resource(monkeypatch, tmp_path):
 
     def predict_proba(texts, forward=None):
         seen.append(list(texts))
-        return np.full(len(texts), 0.5 if forward is None else 0.51), None
+        return np.full(len(texts), 0.5 if forward is None else 0.51), np.full((len(texts), 3), 0.2 if forward is None else 0.23)
 
     clf = SimpleNamespace(config=SimpleNamespace(text_view="rationale", context_view=None), predict_proba=predict_proba)
     result = int8_check(clf, SimpleNamespace(path=Path("imr_net.int8.onnx")), tmp_path / "check.json")
     assert result["n"] == len(records) and result["max_abs_dp"] == pytest.approx(0.01)
+    assert result["max_abs_dp_guidelines"] == pytest.approx(0.03)
     assert seen[0] == [r["rationale"] for r in records]  # the rationale view of each example item
