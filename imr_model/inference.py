@@ -43,10 +43,13 @@ MODELS_DIR = Path("models")
 BACKENDS = ("torch", "onnx")
 BARE_TEXT_ID = "text"
 ONNX_DISTANCE = ("bare", "all", "off")
-#: `batch_size` (windows per forward pass) → padded tokens per pass: batch_size × this. Batches are cut by tokens,
-#: so a pass holds many short sentences or a few long ones (measured best: 4,096 tokens for torch, 2,048 for the
-#: int8 ONNX session, at the default batch_size 32; docs/experiments.md "Scoring speed").
-TOKENS_PER_WINDOW = {"torch": 128, "onnx": 64}
+#: torch backend: `batch_size` (windows per forward pass) → padded tokens per pass, batch_size × this. Batches are
+#: then cut by tokens, many short sentences or a few long ones: on the shared letters' 258 items (default model,
+#: 2 CPUs, beside other jobs) 4,096 tokens took 27-34 s of CPU against 40-44 s for 32 windows, logits within 3e-6.
+#: The int8 ONNX session keeps batches of `batch_size` windows: token batches saved no measurable CPU there, and
+#: its activation scales are per batch, so other batches move its logits (by up to 0.86 on those items).
+#: docs/experiments.md "Session 17".
+TOKENS_PER_WINDOW = {"torch": 128, "onnx": None}
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # models:/, runs:/, s3://, file:///...
 logger = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 5_000_000  # a letter is 5-50 KB of text; the service caps bodies well below this
@@ -204,7 +207,7 @@ class Predictor:
         clf = self.classifier
         own = self.profile is not None and self.forward is None  # the torch pass gives the embeddings too
         o, g, *window_means = clf.window_item_logits(windows, texts, forward=self.forward, vectors=own,
-                                                     batch_tokens=batch_size * TOKENS_PER_WINDOW[self.backend],
+                                                     batch_size=batch_size, batch_tokens=self._batch_tokens(batch_size),
                                                      **self._cache_args("windows"))  # fmt: skip
         p, g = clf.probabilities(o, g)
         if own:
@@ -217,6 +220,10 @@ class Predictor:
             sub = windows.select(items)
             vectors[items] = familiarity.item_vectors(sub, familiarity.window_vectors(clf, sub, batch_size), len(items))
         return p, g, vectors
+
+    def _batch_tokens(self, batch_size: int) -> int | None:
+        per_window = TOKENS_PER_WINDOW[self.backend]
+        return None if per_window is None else batch_size * per_window
 
     def _cache_args(self, kind: str) -> dict:
         """The `cache` / `cache_key` arguments for `kind` of results ("windows", "attribution"); {} without a cache."""

@@ -326,8 +326,8 @@ class IMRClassifier:
         model and backend) carries window results over from earlier calls: only the windows it does not hold
         are run, and they are added to it. Batches are length-sorted (longest first) and trimmed (dynamic padding),
         of `batch_size` windows each, or with `batch_tokens` of as many windows as fit in that many padded tokens
-        (many short sentences, few long ones: on the shared letters' windows 4,096 tokens took 35-45% less CPU
-        than 32 windows with the torch network, and 2,048 ~10% less with the int8 ONNX session).
+        (many short sentences, few long ones: on the shared letters' windows 4,096 tokens took ~30% less CPU
+        than 32 windows with the torch network; `inference.TOKENS_PER_WINDOW`).
         `forward`: another backend's forward (the ONNX session's), same inputs and outputs as `IMRNet`.
         """
         if vectors and forward is not None:
