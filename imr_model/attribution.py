@@ -1,4 +1,6 @@
-"""Token attributions with Captum `LayerIntegratedGradients` on the word-embedding layer.
+"""Token attributions: Captum `IntegratedGradients` along the word embeddings (the input of the encoder's
+embedding layer, which adds positions and normalises; what `LayerIntegratedGradients` on the word-embedding
+layer computes, without hooking that shared layer, so that batches can run concurrently on the CPU).
 
 For one item text:
 
@@ -37,8 +39,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from captum.attr import LayerIntegratedGradients
+from captum.attr import IntegratedGradients
 
+from imr_model import devices
 from imr_model.cues import evidence_spans
 from imr_model.modeling import GUIDELINE_POOLING
 from imr_model.pooling import window_weights
@@ -214,24 +217,39 @@ def attribute_many(
         done = {k: v for k, v in zip(first, cache.lookup(model_key, list(first))) if v is not None}
     todo = np.array([r for k, r in first.items() if k not in done], dtype=np.int64)
     todo = todo[np.argsort(lengths[todo], kind="stable")]  # by length: similar lengths share a pass
-    lig = LayerIntegratedGradients(target_logit, net.get_input_embeddings())
-    new: dict[bytes, tuple[np.ndarray, float]] = {}
-    start = 0
+    embeddings = net.get_input_embeddings()
+
+    def target_from_embeddings(embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        outcome, guidelines = net(None, attention_mask, inputs_embeds=embeds)
+        return outcome if column is None else guidelines[:, column]  # (rows,)
+
+    # integrated gradients along the word embeddings (what LayerIntegratedGradients on the embedding layer computes,
+    # without its hook on the shared layer, so passes can run concurrently: devices.cpu_streams)
+    ig = IntegratedGradients(target_from_embeddings)
+    groups, start = [], 0
     while start < len(todo):
         width = max(1, int(lengths[todo[start]]))
         rows_fit = max(1, batch_tokens // (n_steps * width))  # all steps of these rows in one pass
-        group = todo[start : start + rows_fit]
+        groups.append(todo[start : start + rows_fit])
+        start += len(groups[-1])
+    new: dict[bytes, tuple[np.ndarray, float]] = {}
+
+    def run(group: np.ndarray) -> None:
         width = max(1, int(lengths[group].max()))
         ids, mask, baselines = baseline(group, width)
-        with _frozen(net):
-            attrs, delta = lig.attribute(inputs=ids, baselines=baselines, additional_forward_args=(mask,),
-                                         n_steps=n_steps, internal_batch_size=max(len(group), batch_tokens // width),
-                                         return_convergence_delta=True)  # fmt: skip
+        with torch.enable_grad():
+            with torch.no_grad():
+                inputs, base = embeddings(ids), embeddings(baselines)
+            attrs, delta = ig.attribute(inputs=inputs, baselines=base, additional_forward_args=(mask,),
+                                        n_steps=n_steps, internal_batch_size=max(len(group), batch_tokens // width),
+                                        return_convergence_delta=True)  # fmt: skip
         token_scores = attrs.sum(dim=-1).detach().double().cpu().numpy()
         delta = delta.detach().double().cpu().numpy()
         for j, r in enumerate(group):
             new[key_of[int(r)]] = (token_scores[j, : lengths[r]].copy(), float(delta[j]))
-        start += len(group)
+
+    with _frozen(net):
+        devices.run_streams(run, groups, min(len(groups), devices.cpu_streams(device)))
     if cache is not None and new:
         cache.store(model_key, list(new), list(new.values()))
     done.update(new)

@@ -17,8 +17,9 @@ CPU first (safetensors), so a model directory written on a GPU loads on a machin
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from typing import ContextManager
+from typing import Callable, ContextManager, Iterable
 
 import torch
 
@@ -104,6 +105,37 @@ def describe(device: torch.device | str) -> dict:
     elif device.type == "mps":
         name = "Apple MPS"
     return {"device": str(device), "precision": precision(device), "name": name}
+
+
+def cpu_streams(device: torch.device | str) -> int:
+    """How many batches inference runs at once on `device`: on the CPU one per torch thread
+    (`torch.get_num_threads()`), each batch on a single thread; elsewhere 1.
+
+    Small batches on one thread each keep the CPU busier than one batch at a time on all threads: on the shared
+    letters' 1,566 distinct sentence windows (2 CPUs, AVX2) the torch network took 7.9 s as two single-thread
+    streams of 512-token batches against 11.3 s as one two-thread stream of 4,096-token batches, and the int8 ONNX
+    session 5.6 s against 8.3 s (docs/experiments.md, "Session 18")."""
+    return max(1, torch.get_num_threads()) if torch.device(device).type == "cpu" else 1
+
+
+def run_streams(work: Callable[[object], None], jobs: Iterable, streams: int) -> None:
+    """`work(job)` for every job, `streams` at a time in threads whose torch ops run on one thread each; in the
+    calling thread when `streams` is 1. A job's exception is raised here, once the running jobs have finished.
+
+    torch's thread count is per thread (OpenMP), but a thread's first parallel op takes it from a process-wide
+    default, which `torch.set_num_threads` also sets: the pool threads set 1 for themselves, and the calling
+    thread's count, which it never changes, is made the default again afterwards."""
+    if streams <= 1:
+        for job in jobs:
+            work(job)
+        return
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(streams, thread_name_prefix="imr-forward",
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:  # fmt: skip
+            list(pool.map(work, jobs))  # list(): re-raises a job's exception
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _mps_available() -> bool:

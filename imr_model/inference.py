@@ -3,8 +3,8 @@
 The model is resolved once and cached per process (see `resolve_model_uri`): the argument, else
 ``$IMR_MODEL_URI``, else the registry alias ``models:/imr-classifier@champion``, else the newest model
 directory under ``./models``. A `Predictor` serialises work on its model with a lock, so it can be
-shared by threads (the HTTP service does); attributions temporarily hook the embedding layer, which
-would corrupt a concurrent forward pass without that lock.
+shared by threads (the HTTP service does): one call at a time uses the CPUs (`devices.cpu_streams`) and the
+window cache.
 
 The text view the model was trained on (``config.text_view``) is applied to every item record with
 `views.text_view`, so callers pass letters, never pre-processed text.
@@ -43,13 +43,14 @@ MODELS_DIR = Path("models")
 BACKENDS = ("torch", "onnx")
 BARE_TEXT_ID = "text"
 ONNX_DISTANCE = ("bare", "all", "off")
-#: torch backend: `batch_size` (windows per forward pass) → padded tokens per pass, batch_size × this. Batches are
-#: then cut by tokens, many short sentences or a few long ones: on the shared letters' 258 items (default model,
-#: 2 CPUs, beside other jobs) 4,096 tokens took 27-34 s of CPU against 40-44 s for 32 windows, logits within 3e-6.
-#: The int8 ONNX session keeps batches of `batch_size` windows: token batches saved no measurable CPU there, and
-#: its activation scales are per batch, so other batches move its logits (by up to 0.86 on those items).
-#: docs/experiments.md "Session 17".
-TOKENS_PER_WINDOW = {"torch": 128, "onnx": None}
+#: `batch_size` (windows per forward pass) → padded tokens per pass: batch_size × this, by where the network runs.
+#: Batches are cut by tokens, many short sentences or a few long ones. On the CPU, passes of 512 tokens (at the
+#: default batch_size 32) run `devices.cpu_streams` at a time on one thread each: on the shared letters' 1,566
+#: distinct windows (2 CPUs) 7.9 s for the torch network against 11.3 s for one stream of 4,096-token passes, and
+#: 5.6 s for the int8 ONNX session against 8.3 s for 32-window passes on two threads (the int8 session quantizes
+#: activations per pass, so its logits depend a little on which windows share a pass). GPU: 4,096 (not measured).
+#: docs/experiments.md "Session 18".
+TOKENS_PER_WINDOW = {"cpu": 16, "gpu": 128}
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # models:/, runs:/, s3://, file:///...
 logger = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 5_000_000  # a letter is 5-50 KB of text; the service caps bodies well below this
@@ -221,9 +222,8 @@ class Predictor:
             vectors[items] = familiarity.item_vectors(sub, familiarity.window_vectors(clf, sub, batch_size), len(items))
         return p, g, vectors
 
-    def _batch_tokens(self, batch_size: int) -> int | None:
-        per_window = TOKENS_PER_WINDOW[self.backend]
-        return None if per_window is None else batch_size * per_window
+    def _batch_tokens(self, batch_size: int) -> int:
+        return batch_size * TOKENS_PER_WINDOW["cpu" if torch_device(self.classifier).type == "cpu" else "gpu"]
 
     def _cache_args(self, kind: str) -> dict:
         """The `cache` / `cache_key` arguments for `kind` of results ("windows", "attribution"); {} without a cache."""

@@ -326,8 +326,8 @@ class IMRClassifier:
         model and backend) carries window results over from earlier calls: only the windows it does not hold
         are run, and they are added to it. Batches are length-sorted (longest first) and trimmed (dynamic padding),
         of `batch_size` windows each, or with `batch_tokens` of as many windows as fit in that many padded tokens
-        (many short sentences, few long ones: on the shared letters' windows 4,096 tokens took ~30% less CPU
-        than 32 windows with the torch network; `inference.TOKENS_PER_WINDOW`).
+        (many short sentences, few long ones; `inference.TOKENS_PER_WINDOW`). On the CPU `devices.cpu_streams`
+        batches run at once, each on one thread (for `forward`, its `streams` attribute; 1 when it has none).
         `forward`: another backend's forward (the ONNX session's), same inputs and outputs as `IMRNet`.
         """
         if vectors and forward is not None:
@@ -349,7 +349,8 @@ class IMRClassifier:
         first = unique.numpy()
         order = todo[np.argsort(-lengths.numpy()[first[todo]], kind="stable")]  # longest first
         self.net.eval()
-        for rows in _batches(order, lengths.numpy()[first], batch_size, batch_tokens):
+
+        def run(rows: np.ndarray) -> None:  # one batch; its rows of `out` are its own
             idx = torch.from_numpy(first[rows])
             width = max(1, int(lengths[idx].max()))
             ids, mask = windows.input_ids[idx, :width], windows.attention_mask[idx, :width]
@@ -366,6 +367,10 @@ class IMRClassifier:
                 o, g = o.float().cpu().numpy(), g.float().cpu().numpy()
             out[rows, 0] = np.asarray(o, dtype=np.float32).reshape(len(idx))
             out[rows, 1 : 1 + n_labels] = np.asarray(g, dtype=np.float32).reshape(len(idx), n_labels)
+
+        batches = _batches(order, lengths.numpy()[first], batch_size, batch_tokens)
+        streams = getattr(forward, "streams", 1) if forward is not None else devices.cpu_streams(self.device)
+        devices.run_streams(run, batches, min(len(batches), streams))
         if cache is not None and len(todo):
             cache.store(cache_key, [keys[j] for j in todo], [out[j].copy() for j in todo])
         out = out[inverse]

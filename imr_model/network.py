@@ -68,22 +68,31 @@ class IMRNet(nn.Module):
             nn.init.zeros_(self.guideline_tfidf.weight)
             self.register_buffer("tfidf_idf", torch.ones(n_tfidf, dtype=torch.float64))
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(W, T) token windows → attention-pooled (W, H) for the outcome, mean-pooled (W, H) for guidelines."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (W, T, H)
+    def encode(self, input_ids: Tensor | None, attention_mask: Tensor,
+               inputs_embeds: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """(W, T) token windows → attention-pooled (W, H) for the outcome, mean-pooled (W, H) for guidelines.
+
+        `inputs_embeds` (W, T, E): the word embeddings to use instead of looking up `input_ids` (attributions
+        integrate along them; positions and the embedding layer norm are applied as for token ids)."""
+        if inputs_embeds is not None:
+            input_ids = None
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              inputs_embeds=inputs_embeds).last_hidden_state  # (W, T, H)  # fmt: skip
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (W, T, 1)
         mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         scores = self.outcome_attention(hidden).masked_fill(mask == 0, torch.finfo(hidden.dtype).min)  # (W, T, 1)
         attended = (torch.softmax(scores, dim=1) * hidden).sum(dim=1)
         return attended, mean
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(W, T) token windows → outcome logit (W,) and guideline logits (W, L) per window."""
-        attended, mean = self.encode(input_ids, attention_mask)
+    def forward(self, input_ids: Tensor | None, attention_mask: Tensor,
+                inputs_embeds: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """(W, T) token windows → outcome logit (W,) and guideline logits (W, L) per window (`inputs_embeds`:
+        see `encode`)."""
+        attended, mean = self.encode(input_ids, attention_mask, inputs_embeds)
         return self.outcome_head(self.dropout(attended)).squeeze(-1), self.guideline_head(self.dropout(mean))
 
     def get_input_embeddings(self) -> nn.Embedding:
-        """The word-embedding layer (the Captum LayerIntegratedGradients target)."""
+        """The word-embedding layer (what attributions integrate along)."""
         return self.encoder.get_input_embeddings()
 
 

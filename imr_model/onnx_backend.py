@@ -131,18 +131,20 @@ def ensure_onnx(classifier, model_dir: str | Path, *, int8: bool = True) -> Path
 
 
 class OnnxForward:
-    """`modeling.ForwardFn` backed by an ONNX Runtime session (thread-safe: `run` may be called concurrently)."""
+    """`modeling.ForwardFn` backed by an ONNX Runtime session (thread-safe: `run` may be called concurrently).
 
-    def __init__(self, onnx_path: str | Path, threads: int | None = None):
+    The session runs each call on one thread and `streams` (default: torch's thread count) calls at once
+    (`IMRClassifier.forward_windows` runs that many batches concurrently): on the shared letters' windows (2 CPUs)
+    that took 5.6 s against 8.3 s for one call at a time on two threads (`devices.cpu_streams`)."""
+
+    def __init__(self, onnx_path: str | Path, streams: int | None = None):
         ort = require("onnxruntime", "onnx", FEATURE)
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        # Idle intra-op threads sleep instead of spinning: the spinning burnt CPU that PDF parsing and the rest of
-        # `imr score` (and other jobs on a shared machine) need; on the shared letters' windows, beside other jobs,
-        # it cut the session's CPU time by ~25% at the same or better wall time (docs/experiments.md "Session 17").
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.streams = max(1, int(streams or torch.get_num_threads()))
         self.path = Path(onnx_path)
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 

@@ -180,7 +180,7 @@ def test_loaded_once_and_thread_safe(model_dir, letters):
     def work(i: int) -> None:
         try:
             path = letters[i % len(letters)]
-            if i % 3 == 0:  # attributions hook the embedding layer: must not leak into other threads
+            if i % 3 == 0:  # attributions (backward passes) beside plain predictions from other threads
                 got = predict(path, model=str(model_dir), attributions=True, n_steps=4)
                 if path == letters[0]:
                     results[f"attr{i}"] = [w.score for w in got[0].attributions.words]

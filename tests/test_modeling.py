@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -486,3 +487,62 @@ def test_decisions_are_those_of_the_unbounded_probabilities(tiny_classifier):
     clf.set_guideline_decoding(basis, 0.97)
     _, P = clf.probabilities(np.zeros(len(g)), g)
     assert np.array_equal(clf.decide_guidelines(P), decide_labels(expit(g), raw_thr, basis, 0.97))
+
+
+def test_cpu_streams_run_batches_concurrently_and_give_the_serial_logits(tiny_classifier, monkeypatch):
+    """On the CPU batches run `devices.cpu_streams` at a time on one torch thread each; the logits are those of
+    one batch at a time, torch's thread count is back afterwards, and a failing batch raises in the caller."""
+    from imr_model import devices
+
+    windows = tiny_classifier.make_windows(TEXTS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: one stream
+    try:
+        assert devices.cpu_streams("cpu") == 1
+        serial = tiny_classifier.forward_windows(windows, batch_size=2, vectors=True)
+    finally:
+        torch.set_num_threads(threads)
+    seen: list[tuple[str, int]] = []
+    encode = tiny_classifier.net.encode
+
+    def spy(ids, mask):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return encode(ids, mask)
+
+    monkeypatch.setattr(tiny_classifier.net, "encode", spy)
+    monkeypatch.setattr(devices, "cpu_streams", lambda device: 3)
+    streamed = tiny_classifier.forward_windows(windows, batch_size=2, vectors=True)
+    assert len(seen) == -(-len({w.tobytes() for w in windows.input_ids.numpy()}) // 2) >= 2
+    assert all(name.startswith("imr-forward") and n == 1 for name, n in seen)  # pool threads, one torch thread each
+    assert torch.get_num_threads() == threads
+    for a, b in zip(serial, streamed):
+        assert a.shape == b.shape and np.allclose(a, b, atol=1e-5)
+
+    def broken(ids, mask):
+        raise RuntimeError("batch failed")
+
+    monkeypatch.setattr(tiny_classifier.net, "encode", broken)
+    with pytest.raises(RuntimeError, match="batch failed"):
+        tiny_classifier.forward_windows(windows, batch_size=2, vectors=True)
+    assert torch.get_num_threads() == threads
+
+
+def test_run_streams_leaves_the_callers_and_new_threads_torch_thread_count_alone():
+    from imr_model import devices
+
+    threads = torch.get_num_threads()
+    seen: list[int] = []
+
+    def work(job):
+        seen.append(torch.get_num_threads())
+        if job == 3:
+            raise ValueError("job 3")
+
+    with pytest.raises(ValueError, match="job 3"):
+        devices.run_streams(work, range(6), 2)
+    assert sorted(seen) == [1] * 6 and torch.get_num_threads() == threads
+    later: list[int] = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [threads]  # a thread started afterwards gets the default again, not the pool's 1
