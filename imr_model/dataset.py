@@ -16,6 +16,7 @@ Near-duplicate pairs are counted as they are found, never held as a list (`near_
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import hashlib
 import heapq
@@ -200,13 +201,18 @@ def _pair_chunks(texts: Iterable[str], groups: Sequence[str] | None, threshold: 
             raise ValueError(f"texts has {n_texts} items but groups has {len(groups)}")
         return
     matrix = vectorizer.fit_transform(_chain(first, docs))  # rows are L2-normalised: dot = cosine
+    del vectorizer, first  # its vocabulary (every 1-2 gram) is not needed for the products
     if groups is not None and len(groups) != n_texts:
         raise ValueError(f"texts has {n_texts} items but groups has {len(groups)}")
     keep_a = np.asarray(keep, dtype=np.int64)
+    del keep
     group = np.asarray([str(groups[i]) for i in keep_a]) if groups is not None else np.zeros(len(keep_a), dtype=int)
     order = np.argsort(group, kind="stable")  # rows sorted by group: cross-group pairs are contiguous blocks
     chunk = max(16, min(chunk_size, BLOCK_ENTRIES // max(1, len(keep_a))))
-    for i, j, sim in _near_pairs(matrix[order], group[order], groups is not None, threshold - 1e-6, chunk):
+    matrix = matrix[order]  # one copy of the matrix at a time: the unsorted one is freed here
+    pairs = _near_pairs(matrix, group[order], groups is not None, threshold - 1e-6, chunk)
+    del matrix  # the generator holds the only reference, so it can free the matrix when it no longer needs it
+    for i, j, sim in pairs:
         a, b = keep_a[order[i]], keep_a[order[j]]
         yield np.minimum(a, b), np.maximum(a, b), sim
 
@@ -216,8 +222,22 @@ def _chain(head: list[str], tail: Iterator[str]) -> Iterator[str]:
     yield from tail
 
 
-def _row_pairs(m, group: np.ndarray, cross: bool, chunk: int):
-    """Yield (i, j, dot) arrays with i < j over rows of `m` sorted by `group` (different groups if `cross`)."""
+def _rows(m, start: int, stop: int):
+    """Rows start:stop of CSR `m` as a CSR matrix sharing `m`'s data and indices (scipy's slicing copies them)."""
+    lo, hi = int(m.indptr[start]), int(m.indptr[stop])
+    return type(m)((m.data[lo:hi], m.indices[lo:hi], m.indptr[start : stop + 1] - lo), shape=(stop - start, m.shape[1]))
+
+
+def _row_pairs(m, group: np.ndarray, cross: bool, chunk: int, min_dot: float | None = None):
+    """Yield (i, j, dot) arrays with i < j over rows of `m` sorted by `group` (different groups if `cross`);
+    with `min_dot`, only the pairs with dot >= min_dot.
+
+    A block is the products of `chunk` rows i with all later rows j (of later groups if `cross`), computed as
+    rows j @ (rows i).T: the small side is the one scipy converts to CSR, and rows j are a view, so a block costs
+    its products only (not a copy of the later rows, plus the transposed copy scipy made of them per block).
+    Each dot is summed over the shared terms in the same order as (rows i) @ (rows j).T would: every row of the
+    TF-IDF matrix stores its terms in one global order (CountVectorizer sorts each row by first-seen term index,
+    then renumbers the terms), so the values are bit-identical, only the pairs come out in another order."""
     n = m.shape[0]
     ends = np.searchsorted(group, group, side="right")
     start = 0
@@ -225,32 +245,50 @@ def _row_pairs(m, group: np.ndarray, cross: bool, chunk: int):
         stop = min(start + chunk, int(ends[start])) if cross else min(start + chunk, n)
         first_col = int(ends[start]) if cross else start  # only later rows: each pair once
         if first_col < n:
-            block = (m[start:stop] @ m[first_col:].T).tocoo()
-            i, j = block.row + start, block.col + first_col
+            block = (_rows(m, first_col, n) @ _rows(m, start, stop).T).tocsr()  # (later rows) x (block rows)
+            if min_dot is None:
+                block = block.tocoo()
+                j, i, dot = block.row, block.col, block.data
+            else:  # keep the few pairs above the bound before making coordinates for all of them
+                pos = np.flatnonzero(block.data >= min_dot)
+                j, i, dot = np.searchsorted(block.indptr, pos, side="right") - 1, block.indices[pos], block.data[pos]
+            del block
+            i, j = i + start, j + first_col
             upper = i < j
-            yield i[upper], j[upper], block.data[upper]
+            yield i[upper], j[upper], dot[upper]
         start = stop
 
 
+#: Candidate pairs whose exact cosine is computed at once (two row copies of this many rows each).
+EXACT_BATCH = 8192
+
+
 def _near_pairs(x, group: np.ndarray, cross: bool, t: float, chunk: int):
-    """Yield (i, j, cosine) arrays of the pairs with cosine >= t (row indices of `x`), block by block."""
+    """Yield (i, j, cosine) arrays of the pairs with cosine >= t (row indices of `x`), block by block.
+
+    Memory: `x` is dropped once step (a) is done (the caller passes the only reference), so step (b) holds the
+    heavy rows only; per-row values are computed a slice of rows at a time (each row's own sum, so the values do
+    not depend on the slicing)."""
     n = x.shape[0]
-    df = np.bincount(x.indices, minlength=x.shape[1])
+    df = np.zeros(x.shape[1], dtype=np.int64)
+    for k in range(0, x.nnz, 1 << 20):  # np.bincount casts its input to int64: a slice at a time
+        df += np.bincount(x.indices[k : k + (1 << 20)], minlength=x.shape[1])
     common = df > max(32, n // 100)
-    common_norm = np.sqrt(np.asarray(x[:, common].power(2).sum(axis=1)).ravel())
+    common_norm = np.sqrt(np.concatenate([np.asarray(_rows(x, k, min(k + 4096, n))[:, common].power(2).sum(axis=1))
+                                          .ravel() for k in range(0, n, 4096)]))  # fmt: skip
     heavy = common_norm >= t
     for i, j, dot in _row_pairs(x[:, ~common].tocsr(), group, cross, chunk):  # (a) share a rare term
         maybe = ~(heavy[i] & heavy[j]) & (dot + common_norm[i] * common_norm[j] >= t)
         ci, cj = i[maybe], j[maybe]
-        for k in range(0, len(ci), 65536):
-            a, b = ci[k : k + 65536], cj[k : k + 65536]
+        for k in range(0, len(ci), EXACT_BATCH):
+            a, b = ci[k : k + EXACT_BATCH], cj[k : k + EXACT_BATCH]
             sims = np.asarray(x[a].multiply(x[b]).sum(axis=1)).ravel()
             ok = sims >= t
             yield a[ok], b[ok], sims[ok]
     h = np.flatnonzero(heavy)  # (b) heavy pairs, exact products
-    for i, j, dot in _row_pairs(x[h], group[h], cross, chunk):
-        ok = dot >= t
-        yield h[i[ok]], h[j[ok]], dot[ok]
+    x, group = x[h], group[h]  # the full matrix goes here (when the caller holds no reference)
+    for i, j, dot in _row_pairs(x, group, cross, chunk, min_dot=t):
+        yield h[i], h[j], dot
 
 
 # --------------------------------------------------------------------------- datasets
@@ -334,10 +372,12 @@ def build_dataset(
             out.write(json.dumps({k: row.get(k) for k in _SPOOL_FIELDS}, ensure_ascii=False, default=str) + "\n")
     if not labels:
         raise ValueError("no records: build_dataset needs at least one labelled item record")
+    _trim_heap()  # what reading the records (table chunks, parsed letters) left freed
     fractions = (1 - val_size - test_size, val_size, test_size)
     split_of = assign_splits(labels, groups, fractions, seed)
     dups = (near_duplicate_summary((row[dedup_view] for row in _spooled(spool)), [SPLITS[s] for s in split_of],
                                    threshold=dedup_threshold) if dedup_threshold is not None else None)  # fmt: skip
+    _trim_heap()  # the TF-IDF matrix and the product blocks are freed: give their pages back before the writes
     columns = [*RECORD_FIELDS, *sorted(extras), "label", *VIEWS]
     dd = DatasetDict(_write_splits(spool, split_of, columns, extras, Path(spool_dir.name)))
     spool.unlink()
@@ -350,6 +390,18 @@ def build_dataset(
             "%d near-duplicate %s pairs across splits (cosine >= %.2f)", dups["pairs"], dedup_view, dedup_threshold
         )
     return dd
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    glibc keeps freed chunks of its heap resident unless they sit at its top, and after the first large array is
+    freed it serves arrays up to that size from the heap instead of separate mappings, so without this the freed
+    TF-IDF matrix and product blocks (tens of MB at 25k items) stay in the RSS for the rest of the build."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # no glibc (macOS, musl) or no CDLL(None) (Windows)
+        pass
 
 
 def _spooled(spool: Path) -> Iterator[dict]:
@@ -426,22 +478,54 @@ def dataset_digest(data: Any) -> str:
     h = hashlib.sha256()
     parts = ((name, data[name]) for name in data) if isinstance(data, DatasetDict) else [(None, data)]
     for split, rows in parts:
-        for row in rows:
-            payload = {"__split__": split, **row} if split is not None else dict(row)
-            h.update(json.dumps(payload, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8"))
-            h.update(b"\n")
+        _digest_rows(h, split, rows)
     return h.hexdigest()
 
 
+def _digest_rows(h: Any, split: str | None, rows: Iterable[Mapping]) -> None:
+    for row in rows:
+        payload = {"__split__": split, **row} if split is not None else dict(row)
+        h.update(json.dumps(payload, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+
+
 def save_dataset(dd: Any, path: str | Path) -> Path:
-    """`save_to_disk` plus `imr_dataset.json` (digest and build report) in the same folder."""
+    """`save_to_disk` plus `imr_dataset.json` (digest and build report) in the same folder.
+
+    Memory: the pages of a memory-mapped split that are read (all of them, to copy and digest it) stay in the RSS
+    as long as its map is open, i.e. through `dd`'s own maps the whole dataset until `dd` goes. So when every split
+    is one Arrow file as `Dataset.from_file` opened it (the splits of `build_dataset`), each split is saved and
+    digested from a map of its own, closed before the next split: one split's pages at a time. The folder and the
+    digest are those of `dd.save_to_disk` + `dataset_digest(dd)` (which any other `dd` goes through)."""
     if not isinstance(dd, DatasetDict):
         raise TypeError(f"save_dataset expects a DatasetDict, got {type(dd).__name__}")
     path = Path(path)
-    dd.save_to_disk(str(path))
-    meta = {"digest": dataset_digest(dd), "report": getattr(dd, "report", None)}
+    if all(_reopened(ds) is not None for ds in dd.values()):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "dataset_dict.json").write_text(json.dumps({"splits": list(dd)}), encoding="utf-8")  # as datasets does
+        h = hashlib.sha256()
+        for name, ds in dd.items():
+            split = _reopened(ds)
+            split.save_to_disk(str(path / name))
+            _digest_rows(h, name, split)
+            del split  # its map (and the pages read through it) goes here
+        digest = h.hexdigest()
+    else:
+        dd.save_to_disk(str(path))
+        digest = dataset_digest(dd)
+    meta = {"digest": digest, "report": getattr(dd, "report", None)}
     (path / META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     return path
+
+
+def _reopened(ds: Any) -> Any:
+    """`ds` on a memory map of its own, or None unless `ds` is one Arrow file as `Dataset.from_file` gave it, untouched
+    since (every transform, `select` to `with_format`, changes the fingerprint that from_file derived)."""
+    files = ds.cache_files
+    if len(files) != 1 or getattr(ds, "_indices", None) is not None:
+        return None
+    fresh = Dataset.from_file(files[0]["filename"], info=ds.info, split=ds.split)
+    return fresh if fresh._fingerprint == ds._fingerprint else None
 
 
 def load_dataset_dir(path: str | Path) -> Any:

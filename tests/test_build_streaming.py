@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -15,8 +16,10 @@ from imr_model.dataset import (
     dataset_digest,
     find_near_duplicates,
     iter_records,
+    load_dataset_dir,
     load_records,
     near_duplicate_summary,
+    save_dataset,
 )
 from imr_model.demo import generate_letters
 from imr_model.tabular import iter_table_records, read_table, records_from_table
@@ -88,6 +91,45 @@ def test_the_near_duplicate_summary_counts_what_the_list_holds(records, monkeypa
         near_duplicate_summary(texts, groups[:-1])
 
 
+def _plain_row_pairs(m, group, cross, chunk):
+    """The block products as `_row_pairs` computed them before it was made to copy less: (rows i) @ (rows j).T."""
+    n, ends, start = m.shape[0], np.searchsorted(group, group, side="right"), 0
+    while start < n:
+        stop = min(start + chunk, int(ends[start])) if cross else min(start + chunk, n)
+        first_col = int(ends[start]) if cross else start
+        if first_col < n:
+            block = (m[start:stop] @ m[first_col:].T).tocoo()
+            i, j = block.row + start, block.col + first_col
+            yield i[i < j], j[i < j], block.data[i < j]
+        start = stop
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_the_block_products_are_those_of_the_plain_product_bit_for_bit(records, cross):
+    """`_row_pairs` multiplies (later rows) @ (block rows).T over row views: the same dots, to the last bit, as the
+    plain (block rows) @ (later rows).T, on the TF-IDF matrix of templated letters (each row sums its shared terms
+    in the same order); with `min_dot`, exactly the pairs at or above it. The near-duplicate pairs rest on this."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = [r["rationale"] for r in records]
+    m = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, dtype=np.float32).fit_transform(texts)
+    group = np.sort(np.asarray([("test", "train", "validation")[i % 3] for i in range(len(texts))]))
+    m = m[np.random.default_rng(0).permutation(len(texts))]  # rows as a group sort leaves them: any order
+
+    def bits(chunks):
+        out = {}
+        for i, j, v in chunks:
+            out.update(zip(zip(i.tolist(), j.tolist()), v.view(np.uint32).tolist()))
+        return out
+
+    plain = bits(_plain_row_pairs(m, group, cross, 13))
+    assert len(plain) > 1000 and bits(dataset._row_pairs(m, group, cross, 13)) == plain
+    values = {p: float(np.uint32(b).view(np.float32)) for p, b in plain.items()}
+    t = float(np.median(list(values.values())))
+    above = {p: plain[p] for p, v in values.items() if v >= t}
+    assert 0 < len(above) < len(plain) and bits(dataset._row_pairs(m, group, cross, 13, min_dot=t)) == above
+
+
 def test_the_near_duplicate_check_can_be_skipped(records):
     dd = build_dataset(records, seed=0, dedup_threshold=None)
     assert dd.report["near_duplicates"]["skipped"] is True and dd.report["near_duplicates"]["pairs"] is None
@@ -105,3 +147,23 @@ def test_build_reads_a_generator_once(records):
 
     dd = build_dataset(stream(), seed=0)
     assert len(seen) == len(records) == sum(len(s) for s in dd.values())
+
+
+def test_saving_split_by_split_writes_what_save_to_disk_writes(tmp_path, records):
+    """`save_dataset` saves and digests each built split from a map of its own (memory: one split's pages at a
+    time): the same files, byte for byte, and the same digest as `dd.save_to_disk` + `dataset_digest`; a split that
+    was transformed since the build goes the plain way."""
+    dd = build_dataset(records, seed=0)
+    assert all(dataset._reopened(ds) is not None for ds in dd.values())
+    save_dataset(dd, tmp_path / "split_by_split")
+    dd.save_to_disk(str(tmp_path / "plain"))
+    files = sorted(p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*") if p.is_file())
+    assert len(files) == 1 + 3 * 3
+    assert all((tmp_path / "split_by_split" / f).read_bytes() == (tmp_path / "plain" / f).read_bytes() for f in files)
+    assert load_dataset_dir(tmp_path / "split_by_split").digest == dataset_digest(dd)
+
+    dd["test"] = dd["test"].select(range(3))
+    dd["validation"] = dd["validation"].with_format("numpy")
+    assert dataset._reopened(dd["test"]) is None and dataset._reopened(dd["validation"]) is None
+    loaded = load_dataset_dir(save_dataset(dd, tmp_path / "transformed"))
+    assert len(loaded["test"]) == 3 and loaded.digest == dataset_digest(dd)
