@@ -439,3 +439,17 @@ def test_a_letter_whose_prediction_fails_is_one_error_row_and_the_batch_goes_on(
     (bad,) = [r for r in rows if r["error"]]
     assert bad["source"] == str(victim) and bad["error"] == "prediction failed (RuntimeError)"
     assert {r["source"] for r in rows} == {str(p) for p in letters.glob("*.txt")}
+
+
+def test_the_first_chunk_is_small_and_every_letter_lands_in_exactly_one_chunk():
+    from imr_model.scoring import Unit, chunked
+
+    sizes = [1, 3, 0, 2, 5, 1, 1, 4, 2, 2, 1]  # items per letter (0: an error row)
+    units = [Unit(f"l{i}.txt", f"l{i}", [{}] * n, None if n else "unreadable") for i, n in enumerate(sizes)]
+    chunks = list(chunked(iter(units), chunk_items=6, first_items=2))
+    assert [u.letter_id for c in chunks for u in c] == [u.letter_id for u in units]  # all, once, in order
+    items = [sum(len(u.records) for u in c) for c in chunks]
+    assert items[0] >= 2 and sum(len(u.records) for u in chunks[0][:-1]) < 2  # closed at the first letter reaching 2
+    assert all(n >= 6 for n in items[1:-1]) and items[1] >= 6
+    assert all(sum(len(u.records) for u in c[:-1]) < 6 for c in chunks[1:])  # each closed as soon as it could
+    assert [len(c) for c in chunked(iter(units), 6)] == [len(c) for c in chunked(iter(units), 6, first_items=99)]
