@@ -205,7 +205,7 @@ def _pair_chunks(texts: Iterable[str], groups: Sequence[str] | None, threshold: 
     if groups is not None and len(groups) != n_texts:
         raise ValueError(f"texts has {n_texts} items but groups has {len(groups)}")
     keep_a = np.asarray(keep, dtype=np.int64)
-    del keep
+    keep.clear()  # the list of ints (~36 bytes each); keep_a holds them now
     group = np.asarray([str(groups[i]) for i in keep_a]) if groups is not None else np.zeros(len(keep_a), dtype=int)
     order = np.argsort(group, kind="stable")  # rows sorted by group: cross-group pairs are contiguous blocks
     chunk = max(16, min(chunk_size, BLOCK_ENTRIES // max(1, len(keep_a))))
