@@ -452,20 +452,25 @@ class IMRClassifier:
     # ----------------------------------------------------------------------------- fitting
     def window_vectors(self, windows: Windows, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """The heads' inputs for every window, computed once: attention-pooled (W, H) (outcome head) and
-        mean-pooled (W, H) (guideline head) encoder states, in eval mode."""
+        mean-pooled (W, H) (guideline head) encoder states, in eval mode; on the CPU `devices.cpu_streams`
+        batches of `batch_size` windows at a time, one thread each (the shared letters' 2,045 windows: 12.0 s
+        against 14.0 s one batch at a time on two threads, vectors bit-identical)."""
         n = len(windows)
         hidden = int(self.net.encoder.config.hidden_size)
         attended, mean = torch.zeros(n, hidden), torch.zeros(n, hidden)
         lengths = windows.attention_mask.sum(dim=1)
         order = torch.argsort(lengths, descending=True, stable=True)
         self.net.eval()
-        with torch.no_grad(), devices.autocast(self.device):
-            for b in range(0, n, batch_size):
-                idx = order[b : b + batch_size]
-                t = max(1, int(lengths[idx].max()))
+
+        def run(idx: torch.Tensor) -> None:  # one batch; its rows are its own
+            t = max(1, int(lengths[idx].max()))
+            with torch.no_grad(), devices.autocast(self.device):
                 a, m = self.net.encode(windows.input_ids[idx, :t].to(self.device),
                                        windows.attention_mask[idx, :t].to(self.device))  # fmt: skip
-                attended[idx], mean[idx] = a.float().cpu(), m.float().cpu()
+            attended[idx], mean[idx] = a.float().cpu(), m.float().cpu()
+
+        batches = [order[b : b + batch_size] for b in range(0, n, batch_size)]
+        devices.run_streams(run, batches, min(len(batches), devices.cpu_streams(self.device)))  # CPU: concurrent
         return attended, mean
 
     def fit_heads(self, texts: Sequence[str], windows: Windows, y: np.ndarray, Y: np.ndarray, groups: np.ndarray, *,

@@ -546,3 +546,15 @@ def test_run_streams_leaves_the_callers_and_new_threads_torch_thread_count_alone
     thread.start()
     thread.join()
     assert later == [threads]  # a thread started afterwards gets the default again, not the pool's 1
+
+
+def test_window_vectors_in_streams_equal_one_batch_at_a_time(tiny_classifier, monkeypatch):
+    from imr_model import devices
+
+    windows = tiny_classifier.make_windows(TEXTS)
+    monkeypatch.setattr(devices, "cpu_streams", lambda device: 1)
+    serial = tiny_classifier.window_vectors(windows, batch_size=2)
+    monkeypatch.setattr(devices, "cpu_streams", lambda device: 3)
+    streamed = tiny_classifier.window_vectors(windows, batch_size=2)
+    assert len(windows) > 2 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(serial, streamed))
+    assert all(bool((a.abs().sum(dim=1) > 0).all()) for a in streamed)  # every row was computed
