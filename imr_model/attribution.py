@@ -237,9 +237,9 @@ def attribute_many(
     def run(group: np.ndarray) -> None:
         width = max(1, int(lengths[group].max()))
         ids, mask, baselines = baseline(group, width)
-        with torch.enable_grad():
-            with torch.no_grad():
-                inputs, base = embeddings(ids), embeddings(baselines)
+        with torch.no_grad():
+            inputs, base = embeddings(ids), embeddings(baselines)
+        with torch.enable_grad():  # per thread: `_frozen` enables it in the calling thread only
             attrs, delta = ig.attribute(inputs=inputs, baselines=base, additional_forward_args=(mask,),
                                         n_steps=n_steps, internal_batch_size=max(len(group), batch_tokens // width),
                                         return_convergence_delta=True)  # fmt: skip
@@ -249,7 +249,7 @@ def attribute_many(
             new[key_of[int(r)]] = (token_scores[j, : lengths[r]].copy(), float(delta[j]))
 
     with _frozen(net):
-        devices.run_streams(run, groups, min(len(groups), devices.cpu_streams(device)))
+        devices.run_streams(run, groups, devices.cpu_streams(device))
     if cache is not None and new:
         cache.store(model_key, list(new), list(new.values()))
     done.update(new)

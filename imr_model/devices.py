@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Iterable
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -118,20 +118,21 @@ def cpu_streams(device: torch.device | str) -> int:
     return max(1, torch.get_num_threads()) if torch.device(device).type == "cpu" else 1
 
 
-def run_streams(work: Callable[[object], None], jobs: Iterable, streams: int) -> None:
-    """`work(job)` for every job, `streams` at a time in threads whose torch ops run on one thread each; in the
-    calling thread when `streams` is 1. A job's exception is raised here, once the running jobs have finished.
+def run_streams(work: Callable[[object], None], jobs: Sequence, streams: int) -> None:
+    """`work(job)` for every job, up to `streams` at a time in threads whose torch ops run on one thread each; in
+    the calling thread when `streams` is 1 or there is one job. A job's exception is raised here, once the running
+    jobs have finished.
 
     torch's thread count is per thread (OpenMP), but a thread's first parallel op takes it from a process-wide
     default, which `torch.set_num_threads` also sets: the pool threads set 1 for themselves, and the calling
     thread's count, which it never changes, is made the default again afterwards."""
-    if streams <= 1:
+    if min(streams, len(jobs)) <= 1:
         for job in jobs:
             work(job)
         return
     threads = torch.get_num_threads()
     try:
-        with ThreadPoolExecutor(streams, thread_name_prefix="imr-forward",
+        with ThreadPoolExecutor(min(streams, len(jobs)), thread_name_prefix="imr-forward",
                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:  # fmt: skip
             list(pool.map(work, jobs))  # list(): re-raises a job's exception
     finally:

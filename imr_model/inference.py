@@ -45,11 +45,9 @@ BARE_TEXT_ID = "text"
 ONNX_DISTANCE = ("bare", "all", "off")
 #: `batch_size` (windows per forward pass) → padded tokens per pass: batch_size × this, by where the network runs.
 #: Batches are cut by tokens, many short sentences or a few long ones. On the CPU, passes of 512 tokens (at the
-#: default batch_size 32) run `devices.cpu_streams` at a time on one thread each: on the shared letters' 1,566
-#: distinct windows (2 CPUs) 7.9 s for the torch network against 11.3 s for one stream of 4,096-token passes, and
-#: 5.6 s for the int8 ONNX session against 8.3 s for 32-window passes on two threads (the int8 session quantizes
-#: activations per pass, so its logits depend a little on which windows share a pass). GPU: 4,096 (not measured).
-#: docs/experiments.md "Session 18".
+#: default batch_size 32) run `devices.cpu_streams` at a time on one thread each (measured there); the int8
+#: session quantizes activations per pass, so its logits depend a little on which windows share a pass.
+#: GPU: 4,096 (not measured).
 TOKENS_PER_WINDOW = {"cpu": 16, "gpu": 128}
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # models:/, runs:/, s3://, file:///...
 logger = logging.getLogger(__name__)

@@ -370,7 +370,7 @@ class IMRClassifier:
 
         batches = _batches(order, lengths.numpy()[first], batch_size, batch_tokens)
         streams = getattr(forward, "streams", 1) if forward is not None else devices.cpu_streams(self.device)
-        devices.run_streams(run, batches, min(len(batches), streams))
+        devices.run_streams(run, batches, streams)
         if cache is not None and len(todo):
             cache.store(cache_key, [keys[j] for j in todo], [out[j].copy() for j in todo])
         out = out[inverse]
@@ -470,7 +470,7 @@ class IMRClassifier:
             attended[idx], mean[idx] = a.float().cpu(), m.float().cpu()
 
         batches = [order[b : b + batch_size] for b in range(0, n, batch_size)]
-        devices.run_streams(run, batches, min(len(batches), devices.cpu_streams(self.device)))  # CPU: concurrent
+        devices.run_streams(run, batches, devices.cpu_streams(self.device))
         return attended, mean
 
     def fit_heads(self, texts: Sequence[str], windows: Windows, y: np.ndarray, Y: np.ndarray, groups: np.ndarray, *,

@@ -134,8 +134,7 @@ class OnnxForward:
     """`modeling.ForwardFn` backed by an ONNX Runtime session (thread-safe: `run` may be called concurrently).
 
     The session runs each call on one thread and `streams` (default: torch's thread count) calls at once
-    (`IMRClassifier.forward_windows` runs that many batches concurrently): on the shared letters' windows (2 CPUs)
-    that took 5.6 s against 8.3 s for one call at a time on two threads (`devices.cpu_streams`)."""
+    (`IMRClassifier.forward_windows` runs that many batches concurrently; measured in `devices.cpu_streams`)."""
 
     def __init__(self, onnx_path: str | Path, streams: int | None = None):
         ort = require("onnxruntime", "onnx", FEATURE)
