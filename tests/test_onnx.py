@@ -36,6 +36,30 @@ def test_fp32_export_matches_torch_for_any_batch_and_length(setup):
         np.testing.assert_allclose(g_x, g_t, atol=1e-4)
 
 
+def test_export_uses_eager_attention_and_leaves_the_network_alone(setup, tmp_path):
+    """The exported graph has no SDPA NaN guard (IsNaN/Where after each softmax); the classifier keeps its attention
+    implementation; the session runs without the fused SkipLayerNormalization kernel."""
+    import onnx
+    import onnxruntime as ort
+
+    _, clf, fp32, _ = setup
+    before = clf.net.encoder.config._attn_implementation
+    path = onnx_backend.export_onnx(clf, tmp_path / "net.onnx")
+    assert clf.net.encoder.config._attn_implementation == before
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Softmax" in ops and "IsNaN" not in ops
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(fp32.path), options, providers=["CPUExecutionProvider"])
+    assert "SkipLayerNormalization" in [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    options.optimized_model_filepath = str(tmp_path / "ours.onnx")  # the same graph as OnnxForward opens it
+    ort.InferenceSession(str(fp32.path), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(onnx_backend.DISABLED_OPTIMIZERS))  # fmt: skip
+    ours = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert "SkipLayerNormalization" not in ours and "LayerNormalization" in ours
+
+
 def test_int8_agreement(setup):
     _, clf, _, int8 = setup
     texts, y = planted_texts(120, seed=77)
