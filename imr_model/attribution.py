@@ -223,9 +223,7 @@ def attribute_many(
         outcome, guidelines = net(None, attention_mask, inputs_embeds=embeds)
         return outcome if column is None else guidelines[:, column]  # (rows,)
 
-    # integrated gradients along the word embeddings (what LayerIntegratedGradients on the embedding layer computes,
-    # without its hook on the shared layer, so passes can run concurrently: devices.cpu_streams)
-    ig = IntegratedGradients(target_from_embeddings)
+    ig = IntegratedGradients(target_from_embeddings)  # along the word embeddings: see the module docstring
     groups, start = [], 0
     while start < len(todo):
         width = max(1, int(lengths[todo[start]]))
